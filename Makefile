@@ -1,0 +1,44 @@
+# One entry point for setting up and running effdet_jax. pip is the only installer.
+#   make demo   set up, then train + evaluate the built-in synthetic "shapes" config
+#   make test   set up (including the PyTorch reference arrays), then run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The PyTorch side (timm / effdet) lives in its own Python 3.11 environment outside the clone.
+TORCH_PYTHON ?= python3.11
+TORCH_VENV ?= $(HOME)/.cache/effdet_jax/torch-venv
+REFS ?= $(HOME)/.cache/effdet_jax/torch_refs
+WORKDIR ?= /tmp/effdet_jax_shapes
+REF_SCRIPTS := $(wildcard tools/torch_reference/make_*.py)
+REF_FILES := $(patsubst tools/torch_reference/make_%.py,$(REFS)/%.npz,$(REF_SCRIPTS))
+
+.PHONY: setup demo test refs lint
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.installed
+
+$(TORCH_VENV)/.installed: tools/torch_reference/requirements.txt
+	$(TORCH_PYTHON) -m venv $(TORCH_VENV)
+	$(TORCH_VENV)/bin/pip install -q -r tools/torch_reference/requirements.txt
+	touch $@
+
+$(REFS)/%.npz: tools/torch_reference/make_%.py tools/torch_reference/common.py $(TORCH_VENV)/.installed
+	@mkdir -p $(REFS)
+	$(TORCH_VENV)/bin/python $< --out $@
+
+refs: $(REF_FILES)
+
+demo: setup
+	$(PY) main.py --config=configs/shapes.py --workdir=$(WORKDIR)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup refs
+	$(VENV)/bin/ruff check .
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 $(PY) -m pytest -n 2 -q tests

@@ -1,0 +1,93 @@
+"""Base configuration: EfficientDet-D0 on COCO with google/automl's training recipe.
+
+Every other config file starts from ``get_config()`` here and changes only what differs, so each
+default lives in exactly one place. Fields that default to "whatever the model table says" are
+typed placeholders (``None`` until set), so ``--config.model.image_size=256`` parses as an int.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+from effdet_jax.data import default_data_config
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The full default configuration (D0, COCO 2017, 300 epochs at global batch 64)."""
+    config = ml_collections.ConfigDict()
+
+    # ---- model: name in the model table plus a few overrides ----
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "efficientdet-d0"
+    # 90 logits, COCO category ids 1..90 mapped to 0..89 (automl's head layout).
+    config.model.num_classes = 90
+    config.model.image_size = config_dict.placeholder(int)
+    config.model.fpn_weight_method = config_dict.placeholder(str)
+    config.model.drop_connect_rate = config_dict.placeholder(float)
+    config.model.drop_connect_variant = config_dict.placeholder(str)
+    # Compute dtype of activations ("bfloat16" for mixed precision); params and losses stay f32.
+    config.model.dtype = "float32"
+    config.model.remat = False
+    # Any other field of the model table, e.g. {"fpn_num_filters": 16}; unknown names fail early.
+    config.model.overrides = ml_collections.ConfigDict()
+
+    # ---- input pipeline (owned by effdet_jax.data) ----
+    config.data = default_data_config()
+
+    # ---- optimisation (automl: SGD 0.9, lr 0.08 per 64 images, 1 epoch warm-up, cosine) ----
+    config.train = ml_collections.ConfigDict()
+    config.train.seed = 0
+    config.train.batch_size = 64  # global, over all processes and devices
+    config.train.num_epochs = 300.0
+    config.train.num_examples_per_epoch = 120000  # automl's hparams value for COCO
+    config.train.total_steps = config_dict.placeholder(int)  # overrides num_epochs when set
+    config.train.optimizer = "sgd"
+    config.train.momentum = 0.9
+    config.train.learning_rate = 0.08  # per 64 images, scaled linearly with batch_size
+    config.train.lr_warmup_init = 0.008  # not scaled, as in automl
+    config.train.lr_warmup_epochs = 1.0
+    config.train.lr_schedule = "cosine"
+    config.train.first_lr_drop_epoch = 200.0  # stepwise schedule only
+    config.train.second_lr_drop_epoch = 250.0
+    config.train.poly_lr_power = 0.9  # polynomial schedule only
+    config.train.weight_decay = 4e-5  # L2 on kernels, added to the loss
+    config.train.clip_gradients_norm = 10.0  # per tensor, then global; 0 disables
+    config.train.ema_decay = 0.9998  # 0 disables; warm-up min(decay, (1+t)/(10+t))
+    config.train.grad_accum_steps = 1
+    config.train.nonfinite_policy = "error"  # or "skip": drop the update and go on
+
+    # ---- losses (fields of effdet_jax.detection.losses.LossConfig) ----
+    config.loss = ml_collections.ConfigDict()
+    config.loss.alpha = 0.25
+    config.loss.gamma = 1.5
+    config.loss.delta = 0.1
+    config.loss.box_loss_weight = 50.0
+    config.loss.iou_loss_type = config_dict.placeholder(str)
+    config.loss.iou_loss_weight = 1.0
+    config.loss.label_smoothing = 0.0
+
+    # ---- evaluation ----
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 8  # global
+    config.eval.every_steps = 5000
+    config.eval.num_images = config_dict.placeholder(int)  # None: the whole split
+    config.eval.use_ema = True
+    config.eval.nms_method = "gaussian"  # automl default; or "hard"
+    config.eval.max_detections = 100
+    config.eval.score_threshold = 0.001
+    config.eval.num_summary_images = 3  # images with predicted boxes in TensorBoard
+
+    # ---- devices ----
+    config.mesh = ml_collections.ConfigDict()
+    config.mesh.data = -1  # -1: all devices not used by `model`
+    config.mesh.model = 1
+    config.mesh.fsdp = False  # shard large parameters (and their optimizer/EMA copies) on `data`
+    config.mesh.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
+
+    # ---- checkpoints and logs ----
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 1000
+    config.checkpoint.keep = 3
+    config.checkpoint.keep_best = 1  # by eval AP
+    config.checkpoint.async_save = True
+    config.log_every_steps = 100
+    return config

@@ -1,0 +1,284 @@
+"""Building blocks shared by EfficientNet and EfficientDet.
+
+Everything is NHWC: activations are ``[batch, height, width, channels]`` and kernels are HWIO
+(``[kh, kw, in, out]``; depthwise kernels ``[kh, kw, 1, channels]``). Padding is TensorFlow's
+``SAME`` (for stride 2 on an even size: 0 before, 1 after), which is what the automl and timm ``tf_*``
+checkpoints were trained with.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+from jax import lax
+
+Dtype = Any
+
+# Official EfficientNet initialisers: conv kernels N(0, 2/fan_out) with fan_out = kh*kw*out (for a
+# depthwise kernel `out` is the depth multiplier, 1); dense kernels U(+-1/sqrt(units)).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+depthwise_kernel_init = nn.initializers.variance_scaling(
+    2.0, "fan_out", "normal", in_axis=-1, out_axis=-2
+)
+dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "uniform")
+
+BN_MOMENTUM = 0.99
+BN_EPSILON = 1e-3
+
+DEPTHWISE_IMPLS = ("auto", "lax", "shift_add")
+
+
+def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """TF 'SAME' padding (before, after) for one spatial axis: the output has ceil(size/stride)
+    positions and the odd pixel of padding goes after."""
+    out = -(-size // stride)
+    effective = (kernel - 1) * dilation + 1
+    total = max((out - 1) * stride + effective - size, 0)
+    return total // 2, total - total // 2
+
+
+def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
+    """Activation by name: swish (x*sigmoid(x), the automl default), relu6 (lite), relu, gelu."""
+    table = {
+        "swish": nn.swish,
+        "silu": nn.swish,
+        "relu6": nn.relu6,
+        "relu": nn.relu,
+        "gelu": nn.gelu,
+        "identity": lambda x: x,
+    }
+    if name not in table:
+        raise ValueError(f"unknown activation {name!r}; allowed: {sorted(table)}")
+    return table[name]
+
+
+def batch_norm(
+    train: bool, name: str, dtype: Dtype = jnp.float32, axis_name: str | None = None
+) -> nn.BatchNorm:
+    """automl's BN: momentum 0.99, epsilon 1e-3. Statistics are float32 whatever the compute dtype.
+
+    Under a sharded ``jax.jit`` the batch mean is already over the global batch; ``axis_name`` is only
+    for ``shard_map``/``pmap`` code.
+    """
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        axis_name=axis_name,
+        name=name,
+    )
+
+
+def resolve_depthwise_impl(impl: str) -> str:
+    """'auto' picks shift-and-add on CPU (XLA's grouped conv is 15-20x slower there) and lax's
+    grouped convolution on GPU/TPU."""
+    if impl not in DEPTHWISE_IMPLS:
+        raise ValueError(f"unknown depthwise_impl {impl!r}; allowed: {DEPTHWISE_IMPLS}")
+    if impl == "auto":
+        return "shift_add" if jax.default_backend() == "cpu" else "lax"
+    return impl
+
+
+def depthwise_conv(
+    x: jax.Array, kernel: jax.Array, stride: int, impl: str = "auto", dilation: int = 1
+) -> jax.Array:
+    """Depthwise convolution with TF SAME padding.
+
+    Args:
+      x: ``[N, H, W, C]``.
+      kernel: ``[kh, kw, 1, C]``.
+      stride: spatial stride (same on both axes).
+      impl: ``lax`` (grouped ``conv_general_dilated``), ``shift_add`` (a sum over the kh*kw taps of
+        strided input slices times per-channel weights) or ``auto``. Both give the same result.
+    Returns:
+      ``[N, ceil(H/stride), ceil(W/stride), C]``.
+    """
+    impl = resolve_depthwise_impl(impl)
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    pads = (
+        tf_same_padding(x.shape[1], kh, stride, dilation),
+        tf_same_padding(x.shape[2], kw, stride, dilation),
+    )
+    if impl == "lax":
+        return lax.conv_general_dilated(
+            x,
+            kernel,
+            window_strides=(stride, stride),
+            padding=pads,
+            rhs_dilation=(dilation, dilation),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            feature_group_count=x.shape[-1],
+        )
+    return _depthwise_shift_add(x, kernel, stride, pads, dilation)
+
+
+def _depthwise_shift_add(x, kernel, stride, pads, dilation):
+    n, h, w, c = x.shape
+    kh, kw = kernel.shape[0], kernel.shape[1]
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h = (h + sum(pads[0]) - (kh - 1) * dilation - 1) // stride + 1
+    out_w = (w + sum(pads[1]) - (kw - 1) * dilation - 1) // stride + 1
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            y0, x0 = i * dilation, j * dilation
+            tap = lax.slice(
+                xp,
+                (0, y0, x0, 0),
+                (n, y0 + (out_h - 1) * stride + 1, x0 + (out_w - 1) * stride + 1, c),
+                (1, stride, stride, 1),
+            )
+            term = tap * kernel[i, j, 0]
+            out = term if out is None else out + term
+    return out
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
+    """Dense 2D convolution with TF SAME padding; ``x`` NHWC, ``kernel`` HWIO.
+
+    1x1 stride-1 convolutions are computed as a matmul over ``[N*H*W, Cin]``, XLA CPU's faster path.
+    """
+    kh, kw, cin, cout = kernel.shape
+    if kh == 1 and kw == 1 and stride == 1:
+        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+    pads = (
+        tf_same_padding(x.shape[1], kh, stride),
+        tf_same_padding(x.shape[2], kw, stride),
+    )
+    return lax.conv_general_dilated(
+        x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
+
+def drop_weights(kernel: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+    """DropConnect on weights (Wan et al. 2013): zero each kernel entry with probability ``rate`` and
+    rescale the rest by 1/(1-rate), so the expected output is unchanged."""
+    keep = jax.random.bernoulli(rng, 1.0 - rate, kernel.shape)
+    return jnp.where(keep, kernel / (1.0 - rate), jnp.zeros_like(kernel))
+
+
+class Conv2D(nn.Module):
+    """Convolution with TF SAME padding and the official initialiser.
+
+    Attributes:
+      features: output channels.
+      kernel_size: square kernel size.
+      strides: spatial stride.
+      use_bias: add a bias (zeros init).
+      weight_drop_rate: DropConnect-on-weights rate used when ``apply_weight_drop`` is called with
+        ``train=True`` (needs the ``dropout`` rng); 0 disables it.
+    """
+
+    features: int
+    kernel_size: int = 1
+    strides: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    kernel_init: Callable = conv_kernel_init
+    weight_drop_rate: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param(
+            "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
+        )
+        if train and self.weight_drop_rate > 0.0:
+            kernel = drop_weights(kernel, self.weight_drop_rate, self.make_rng("dropout"))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        y = conv2d(x, kernel, self.strides)
+        if self.use_bias:
+            bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+class DepthwiseConv2D(nn.Module):
+    """Depthwise convolution (depth multiplier 1) with TF SAME padding; kernel ``[k, k, 1, C]``."""
+
+    kernel_size: int = 3
+    strides: int = 1
+    dtype: Dtype = jnp.float32
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k = self.kernel_size
+        kernel = self.param("kernel", depthwise_kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
+        return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
+
+
+class SeparableConv2D(nn.Module):
+    """Depthwise k x k then pointwise 1x1 (with bias), as ``tf.keras.layers.SeparableConv2D``.
+
+    Parameters: ``depthwise/kernel`` ``[k,k,1,C]``, ``pointwise/kernel`` ``[1,1,C,features]`` and
+    ``pointwise/bias``.
+    """
+
+    features: int
+    kernel_size: int = 3
+    use_bias: bool = True
+    dtype: Dtype = jnp.float32
+    depthwise_impl: str = "auto"
+    pointwise_kernel_init: Callable = conv_kernel_init
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = DepthwiseConv2D(self.kernel_size, 1, self.dtype, self.depthwise_impl, name="depthwise")(x)
+        pointwise = Conv2D(
+            self.features, 1, 1, use_bias=False, dtype=self.dtype,
+            kernel_init=self.pointwise_kernel_init, name="pointwise",
+        )
+        y = pointwise(x)
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
+def max_pool_same(x: jax.Array, window: int = 3, stride: int = 2) -> jax.Array:
+    """Max pooling with TF SAME padding (padding never wins the max); ``x`` NHWC."""
+    pads = (
+        (0, 0),
+        tf_same_padding(x.shape[1], window, stride),
+        tf_same_padding(x.shape[2], window, stride),
+        (0, 0),
+    )
+    return lax.reduce_window(
+        x, -jnp.inf, lax.max, (1, window, window, 1), (1, stride, stride, 1), pads
+    )
+
+
+def resize_nearest_legacy(x: jax.Array, height: int, width: int) -> jax.Array:
+    """Nearest-neighbour resize with TF1's legacy index rule ``src = floor(dst * in / out)``
+    (``tf.compat.v1.image.resize_nearest_neighbor``, align_corners=False, no half-pixel centres).
+
+    This differs from ``jax.image.resize(..., 'nearest')`` when the ratio is not an integer (e.g.
+    3 -> 5 gives rows [0, 0, 1, 1, 2] here, [0, 0, 1, 2, 2] there). ``x`` is NHWC.
+    """
+    in_h, in_w = x.shape[1], x.shape[2]
+    rows = _legacy_nearest_index(in_h, height)
+    cols = _legacy_nearest_index(in_w, width)
+    if height % in_h == 0 and width % in_w == 0 and height // in_h == width // in_w:
+        # Integer upsampling: a repeat is the same gather and much cheaper to differentiate.
+        f = height // in_h
+        return jnp.repeat(jnp.repeat(x, f, axis=1), f, axis=2)
+    return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
+
+
+@functools.lru_cache(maxsize=None)
+def _legacy_nearest_index(size_in: int, size_out: int):
+    import numpy as np
+
+    # TF computes the scale in float32 and floors; min() guards the last index.
+    scale = np.float32(size_in) / np.float32(size_out)
+    idx = np.floor(np.arange(size_out, dtype=np.float32) * scale).astype(np.int32)
+    return np.minimum(idx, size_in - 1)

@@ -1,0 +1,138 @@
+"""Checks a trainer config before anything is built or compiled.
+
+Unknown keys are already rejected by ``lock_config`` (ml_collections names the key); this module
+rejects bad *values* with a message that names the key and what is allowed, so a typo in a 300-epoch
+run fails in a second instead of after compilation.
+"""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import ml_collections
+
+OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("cosine", "stepwise", "polynomial", "constant")
+NONFINITE_POLICIES = ("error", "skip")
+DTYPES = ("float32", "bfloat16", "float16")
+NMS_METHODS = ("gaussian", "hard")
+IOU_LOSS_TYPES = (None, "iou", "giou", "diou", "ciou")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the allowed values."""
+
+
+def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{key}={value!r} is invalid: allowed {allowed}")
+
+
+def _one_of(config: ml_collections.ConfigDict, key: str, allowed: Sequence[Any]) -> None:
+    value = _get(config, key)
+    _check(value in allowed, key, value, f"one of {list(allowed)}")
+
+
+def _positive(config: ml_collections.ConfigDict, key: str, strict: bool = True) -> None:
+    value = _get(config, key)
+    ok = value is not None and (value > 0 if strict else value >= 0)
+    _check(ok, key, value, "a number > 0" if strict else "a number >= 0")
+
+
+def _get(config: ml_collections.ConfigDict, key: str) -> Any:
+    node = config
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def model_choices() -> dict[str, Sequence[Any]]:
+    """Allowed values of the model options, read from the model package (one place for them)."""
+    from effdet_jax.models import model_config
+
+    choices = {}
+    for key, attr in (
+        ("fpn_weight_method", "FPN_WEIGHT_METHODS"),
+        ("drop_connect_variant", "DROP_CONNECT_VARIANTS"),
+    ):
+        values = getattr(model_config, attr, None)
+        if values is not None:
+            choices[key] = tuple(values)
+    return choices
+
+
+def validate_config(
+    config: ml_collections.ConfigDict,
+    num_devices: int | None = None,
+    model_config_fn: Callable[..., Any] | None = None,
+) -> None:
+    """Raises ``ConfigError`` naming the first invalid key of ``config``.
+
+    Args:
+      config: a trainer config (``configs/default.py`` layout).
+      num_devices: global device count; when given, mesh and batch divisibility are checked too.
+      model_config_fn: ``get_efficientdet_config``-like callable used to check the model name and
+        overrides (defaults to the real one).
+    """
+    t = config.train
+    _one_of(config, "train.optimizer", OPTIMIZERS)
+    _one_of(config, "train.lr_schedule", LR_SCHEDULES)
+    _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
+    _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "eval.nms_method", NMS_METHODS)
+    _one_of(config, "loss.iou_loss_type", IOU_LOSS_TYPES)
+    for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
+                "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
+                "checkpoint.every_steps", "eval.every_steps", "model.num_classes"):
+        _positive(config, key)
+    for key in ("train.lr_warmup_init", "train.lr_warmup_epochs", "train.weight_decay",
+                "train.clip_gradients_norm", "train.momentum", "checkpoint.keep_best"):
+        _positive(config, key, strict=False)
+    _positive(config, "checkpoint.keep")
+    if t.total_steps is None:
+        _positive(config, "train.num_epochs")
+    else:
+        _positive(config, "train.total_steps")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay", t.ema_decay, "0 <= value < 1 (0 disables)")
+    _check(0.0 <= t.momentum < 1.0, "train.momentum", t.momentum, "0 <= value < 1")
+    _check(
+        t.batch_size % t.grad_accum_steps == 0,
+        "train.grad_accum_steps",
+        t.grad_accum_steps,
+        f"a divisor of train.batch_size={t.batch_size}",
+    )
+    _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "an integer >= 1")
+    _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
+           "-1 (all remaining devices) or an integer >= 1")
+
+    choices = model_choices()
+    for key, allowed in choices.items():
+        value = config.model[key]
+        if value is not None:
+            _check(value in allowed, f"model.{key}", value, f"one of {list(allowed)}")
+    if config.model.image_size is not None:
+        _positive(config, "model.image_size")
+    if config.model.drop_connect_rate is not None:
+        rate = config.model.drop_connect_rate
+        _check(0.0 <= rate < 1.0, "model.drop_connect_rate", rate, "0 <= value < 1")
+
+    if num_devices is not None:
+        from effdet_jax.train.mesh import mesh_shape
+
+        try:
+            data, model = mesh_shape(config.mesh, num_devices)
+        except ValueError as e:
+            raise ConfigError(f"config.mesh: {e}") from None
+        per_step = t.batch_size // t.grad_accum_steps
+        _check(per_step % data == 0, "train.batch_size", t.batch_size,
+               f"a multiple of mesh data size {data} x train.grad_accum_steps {t.grad_accum_steps}")
+        _check(config.eval.batch_size % data == 0, "eval.batch_size", config.eval.batch_size,
+               f"a multiple of mesh data size {data}")
+
+    if model_config_fn is None:
+        from effdet_jax.models.model_config import get_efficientdet_config as model_config_fn
+    from effdet_jax.train.model_factory import model_overrides
+
+    try:
+        model_config_fn(config.model.name, **model_overrides(config.model))
+    except (KeyError, ValueError, TypeError) as e:
+        raise ConfigError(f"config.model: {e}") from None

@@ -1,0 +1,45 @@
+"""Test set-up shared by every test module.
+
+Eight simulated CPU devices are requested before jax is imported anywhere, so sharding tests can
+build 8-device meshes; single-device tests are unaffected (they run on device 0).
+"""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import pathlib  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+SHARED_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def automl_reference() -> pathlib.Path:
+    """Folder of google/automl reference data (read-only; see its README)."""
+    path = SHARED_REFERENCE / "automl"
+    if not path.exists():
+        pytest.fail(f"automl reference data not found at {path} (expected ../shared/reference)")
+    return path
+
+
+def load_torch_reference(name: str) -> dict[str, np.ndarray]:
+    """Arrays written by ``tools/torch_reference/make_<name>.py`` in the PyTorch venv.
+
+    ``make test`` builds them into ``$EFFDET_JAX_REFS`` and sets ``EFFDET_JAX_REQUIRE_REFS=1``, so in CI
+    a missing file is a failure; a bare ``pytest`` without them skips these tests with the fix.
+    """
+    root = pathlib.Path(
+        os.environ.get("EFFDET_JAX_REFS", pathlib.Path.home() / ".cache/effdet_jax/torch_refs")
+    )
+    path = root / f"{name}.npz"
+    if not path.exists():
+        message = f"PyTorch reference {path} is missing: run `make refs` (builds the 3.11 torch venv)"
+        if os.environ.get("EFFDET_JAX_REQUIRE_REFS") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+    with np.load(path) as data:
+        return {k: data[k] for k in data.files}
