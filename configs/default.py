@@ -5,10 +5,28 @@ default lives in exactly one place. Fields that default to "whatever the model t
 typed placeholders (``None`` until set), so ``--config.model.image_size=256`` parses as an int.
 """
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
 
-from effdet_jax.data import default_data_config
+from effdet_jax.data.config import default_data_config
+from effdet_jax.detection import losses, postprocess
+
+_PLACEHOLDER_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
+
+
+def _dataclass_config(instance) -> ml_collections.ConfigDict:
+    """A ConfigDict of a frozen dataclass's fields and defaults, so the dataclass stays the one
+    place for them; ``None`` defaults become placeholders typed from the annotation."""
+    fields = {}
+    for field in dataclasses.fields(instance):
+        value = getattr(instance, field.name)
+        if value is None:
+            type_name = str(field.type).split("|")[0].strip()
+            value = config_dict.placeholder(_PLACEHOLDER_TYPES.get(type_name, str))
+        fields[field.name] = value
+    return ml_collections.ConfigDict(fields)
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -49,21 +67,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.first_lr_drop_epoch = 200.0  # stepwise schedule only
     config.train.second_lr_drop_epoch = 250.0
     config.train.poly_lr_power = 0.9  # polynomial schedule only
-    config.train.weight_decay = 4e-5  # L2 on kernels, added to the loss
     config.train.clip_gradients_norm = 10.0  # per tensor, then global; 0 disables
     config.train.ema_decay = 0.9998  # 0 disables; warm-up min(decay, (1+t)/(10+t))
     config.train.grad_accum_steps = 1
     config.train.nonfinite_policy = "error"  # or "skip": drop the update and go on
 
-    # ---- losses (fields of effdet_jax.detection.losses.LossConfig) ----
-    config.loss = ml_collections.ConfigDict()
-    config.loss.alpha = 0.25
-    config.loss.gamma = 1.5
-    config.loss.delta = 0.1
-    config.loss.box_loss_weight = 50.0
-    config.loss.iou_loss_type = config_dict.placeholder(str)
-    config.loss.iou_loss_weight = 1.0
-    config.loss.label_smoothing = 0.0
+    # ---- losses: the fields of effdet_jax.detection.losses.LossConfig, with its defaults
+    # (automl's focal alpha 0.25 / gamma 1.5, Huber delta 0.1, box weight 50, weight decay 4e-5
+    # as an L2 term on kernels) ----
+    config.loss = _dataclass_config(losses.LossConfig())
 
     # ---- evaluation ----
     config.eval = ml_collections.ConfigDict()
@@ -71,9 +83,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.every_steps = 5000
     config.eval.num_images = config_dict.placeholder(int)  # None: the whole split
     config.eval.use_ema = True
-    config.eval.nms_method = "gaussian"  # automl default; or "hard"
-    config.eval.max_detections = 100
-    config.eval.score_threshold = 0.001
+    # Fields of effdet_jax.detection.postprocess.PostprocessConfig (automl's global soft-NMS).
+    config.eval.postprocess = _dataclass_config(postprocess.PostprocessConfig())
     config.eval.num_summary_images = 3  # images with predicted boxes in TensorBoard
 
     # ---- devices ----
@@ -81,7 +92,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.data = -1  # -1: all devices not used by `model`
     config.mesh.model = 1
     config.mesh.fsdp = False  # shard large parameters (and their optimizer/EMA copies) on `data`
-    config.mesh.fsdp_min_size = 2**18  # elements; smaller arrays stay replicated
+    config.mesh.shard_min_size = 2**18  # elements; smaller arrays are replicated on both axes
 
     # ---- checkpoints and logs ----
     config.checkpoint = ml_collections.ConfigDict()

@@ -10,12 +10,12 @@ from typing import Any
 
 import ml_collections
 
+from effdet_jax.detection import losses, postprocess
+
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "stepwise", "polynomial", "constant")
 NONFINITE_POLICIES = ("error", "skip")
 DTYPES = ("float32", "bfloat16", "float16")
-NMS_METHODS = ("gaussian", "hard")
-IOU_LOSS_TYPES = (None, "iou", "giou", "diou", "ciou")
 
 
 class ConfigError(ValueError):
@@ -78,13 +78,13 @@ def validate_config(
     _one_of(config, "train.lr_schedule", LR_SCHEDULES)
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _one_of(config, "model.dtype", DTYPES)
-    _one_of(config, "eval.nms_method", NMS_METHODS)
-    _one_of(config, "loss.iou_loss_type", IOU_LOSS_TYPES)
+    _one_of(config, "eval.postprocess.method", postprocess.NMS_METHODS)
+    _one_of(config, "loss.iou_loss_type", (None, *losses.IOU_LOSS_TYPES))
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
                 "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
                 "checkpoint.every_steps", "eval.every_steps", "model.num_classes"):
         _positive(config, key)
-    for key in ("train.lr_warmup_init", "train.lr_warmup_epochs", "train.weight_decay",
+    for key in ("train.lr_warmup_init", "train.lr_warmup_epochs", "loss.weight_decay",
                 "train.clip_gradients_norm", "train.momentum", "checkpoint.keep_best"):
         _positive(config, key, strict=False)
     _positive(config, "checkpoint.keep")
@@ -103,6 +103,13 @@ def validate_config(
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "an integer >= 1")
     _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "-1 (all remaining devices) or an integer >= 1")
+
+    sections = (("loss", losses.LossConfig), ("eval.postprocess", postprocess.PostprocessConfig))
+    for key, cls in sections:
+        try:
+            cls(**_get(config, key).to_dict())
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"config.{key}: {e}") from None
 
     choices = model_choices()
     for key, allowed in choices.items():

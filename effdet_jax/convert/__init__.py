@@ -1,0 +1,6 @@
+"""Checkpoint converters: timm / effdet (PyTorch) state dicts and google/automl TF checkpoints."""
+
+from effdet_jax.convert.common import CheckpointMismatchError
+from effdet_jax.convert.timm import load_timm_efficientnet
+
+__all__ = ["CheckpointMismatchError", "load_timm_efficientnet"]

@@ -1,0 +1,150 @@
+"""A COCO-format folder (``instances.json`` + images) as a ``Source``.
+
+The json is parsed once on the host; records are image indices; ``decode`` reads the file with
+PIL (any colour mode) inside ``tf.numpy_function``. Category ids are the dataset's own, mapped to
+label indices by the ``LabelMap`` (``label_space``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+
+import ml_collections
+import numpy as np
+import tensorflow as tf
+
+from effdet_jax.data import counts as C
+from effdet_jax.data.image_io import UnreadableImageError, read_rgb
+from effdet_jax.data.label_map import LabelMap, from_categories
+from effdet_jax.data.source import Source, shard_range, shard_size
+
+log = logging.getLogger(__name__)
+
+
+class CocoJsonIndex:
+    """Per-image annotation arrays of a COCO json, ready for ``decode``.
+
+    Attributes:
+      paths: image file path per image.
+      image_ids: COCO image id per image (int64).
+      boxes: per image, [N,4] float64 ``[x, y, w, h]`` in pixels (NaN rows for malformed entries).
+      category_ids: per image, [N] int64.
+      is_crowd: per image, [N] bool.
+      label_map: categories of the json.
+    """
+
+    def __init__(self, annotations_path: str, image_dir: str, label_space: str = "contiguous"):
+        try:
+            with open(annotations_path) as f:
+                data = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read COCO annotations {annotations_path}: {e}") from e
+        for key in ("images", "categories"):
+            if key not in data:
+                raise ValueError(f"{annotations_path} has no {key!r} list (not a COCO json)")
+        self.label_map: LabelMap = from_categories(data["categories"], label_space)
+        images = data["images"]
+        row = {int(im["id"]): i for i, im in enumerate(images)}
+        per_image: list[list[dict]] = [[] for _ in images]
+        for ann in data.get("annotations", []):
+            i = row.get(int(ann.get("image_id", -1)))
+            if i is None:
+                log.warning("%s: annotation %s refers to unknown image_id %s; ignored",
+                            annotations_path, ann.get("id"), ann.get("image_id"))
+                continue
+            per_image[i].append(ann)
+        self.paths = [os.path.join(image_dir, im["file_name"]) for im in images]
+        self.image_ids = np.asarray([int(im["id"]) for im in images], np.int64)
+        self.boxes = [np.asarray([_xywh(a) for a in anns], np.float64).reshape(-1, 4)
+                      for anns in per_image]
+        self.category_ids = [np.asarray([int(a.get("category_id", -1)) for a in anns], np.int64)
+                             for anns in per_image]
+        self.is_crowd = [np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
+                         for anns in per_image]
+        self.annotations_path = annotations_path
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _xywh(ann: dict) -> list[float]:
+    """``bbox`` of an annotation as 4 floats; NaNs when it is missing or malformed."""
+    bbox = ann.get("bbox")
+    try:
+        vals = [float(v) for v in bbox]
+    except (TypeError, ValueError):
+        return [np.nan] * 4
+    return vals if len(vals) == 4 else [np.nan] * 4
+
+
+def make_coco_json_source(
+    config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> Source:
+    """``config.{train,eval}_annotations`` + ``_images`` as a ``Source``."""
+    ann = config.train_annotations if split == "train" else config.eval_annotations
+    img_dir = config.train_images if split == "train" else config.eval_images
+    index = CocoJsonIndex(ann, img_dir, config.label_space)
+    return Source(
+        records=shard_range(len(index), process_index, process_count),
+        num_records=shard_size(len(index), process_index, process_count),
+        decode=make_decode(index),
+        label_map=index.label_map,
+        gt_annotations=ann,
+        total_records=len(index),
+    )
+
+
+def make_decode(index: CocoJsonIndex):
+    """record (int64 image index) -> example dict (see ``source.py``)."""
+    lookup = index.label_map.category_lookup()
+    warned: set[str] = set()
+    lock = threading.Lock()
+
+    def _load(i: np.int64):
+        i = int(i)
+        path = index.paths[i]
+        cats = index.category_ids[i]
+        labels = np.asarray([lookup.get(int(c), -1) for c in cats], np.int32)
+        try:
+            image, converted = read_rgb(path)
+        except UnreadableImageError as e:
+            with lock:
+                if path not in warned:  # once per file, not once per epoch
+                    warned.add(path)
+                    log.warning("%s; the example is replaced by an empty one", e)
+            empty = np.zeros((0, 4), np.float32)
+            return (np.zeros((1, 1, 3), np.uint8), empty, np.zeros(0, np.int32),
+                    np.zeros(0, bool), False, False)
+        h, w = image.shape[:2]
+        x, y, bw, bh = index.boxes[i].T
+        boxes = np.stack([y / h, x / w, (y + bh) / h, (x + bw) / w], axis=-1).astype(np.float32)
+        return image, boxes.reshape(-1, 4), labels, index.is_crowd[i], True, converted
+
+    def decode(record: tf.Tensor) -> dict:
+        image, boxes, classes, crowd, readable, converted = tf.numpy_function(
+            _load, [record], (tf.uint8, tf.float32, tf.int32, tf.bool, tf.bool, tf.bool),
+            stateful=False,
+        )
+        image.set_shape([None, None, 3])
+        boxes.set_shape([None, 4])
+        classes.set_shape([None])
+        crowd.set_shape([None])
+        readable.set_shape([])
+        return {
+            "image": image,
+            "boxes": boxes,
+            "classes": classes,
+            "is_crowd": crowd,
+            "image_id": tf.gather(tf.constant(index.image_ids), record),
+            "readable": readable,
+            "counts": C.with_counts(
+                C.zero_counts(),
+                images_unreadable=tf.cast(~readable, tf.int32),
+                images_converted=tf.cast(converted, tf.int32),
+            ),
+        }
+
+    return decode

@@ -1,0 +1,143 @@
+"""``config.data``: every knob of the input pipeline, with defaults and validation.
+
+The network input size is *not* here: it is a model fact (``config.model.image_size`` or similar);
+the trainer passes it to the pipeline builders.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from effdet_jax.data.label_map import LABEL_SPACES
+
+SOURCES = ("shapes", "tfds", "coco_json")
+AUTOAUGMENT_POLICIES = ("", "v0")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """Defaults for ``config.data`` (the synthetic shapes set, no download needed).
+
+    Fields:
+      source: where examples come from: ``"shapes"`` (synthetic, generated in code),
+        ``"tfds"`` (a prepared tfds detection dataset) or ``"coco_json"`` (a folder with a COCO
+        ``instances.json`` and the images).
+      tfds_name: tfds dataset, e.g. ``"coco/2017"``, ``"voc/2007"``, ``"voc/2012"``; any tfds
+        dataset whose features have ``image`` and ``objects/{bbox,label}`` works.
+      tfds_data_dir: tfds data dir (``None``: tfds' default, ``~/tensorflow_datasets``).
+      train_split / eval_split: split names of the tfds dataset (tfds slicing allowed,
+        e.g. ``"train[:10%]"``).
+      train_annotations / eval_annotations: COCO json files for ``source="coco_json"``.
+      train_images / eval_images: image folders for ``source="coco_json"``; ``file_name`` in the
+        json is relative to them.
+      label_space: ``"contiguous"`` (label = index of the category in the sorted id list) or
+        ``"coco90"`` (label = category_id - 1, 90 logits, as automl's official checkpoints).
+      max_instances_per_image: M, boxes per image in a batch; extra ones are dropped and counted.
+      skip_crowd_during_training: drop crowd boxes from training examples (as automl);
+        ``False`` keeps them with class ``-2``. Eval always keeps them as ``-2``.
+      shapes.*: the synthetic set: ``num_train``/``num_eval`` images, ``train_seed``/``eval_seed``,
+        ``image_size`` (longest side of generated images, px), ``num_classes`` (1..6),
+        ``min_objects``/``max_objects`` per image.
+      hflip: random horizontal flip in training.
+      jitter_min / jitter_max: scale-jitter range (fraction of the target size) in training.
+      autoaugment_policy: ``""`` (off) or ``"v0"`` (automl's detection policy v0; see
+        ``effdet_jax/data/autoaugment.py`` for the implemented ops).
+      randaugment_layers / randaugment_magnitude: RandAugment (0 layers = off), magnitude 0..10.
+      shuffle_buffer: examples in the shuffle buffer (training).
+      seed: base seed of shuffling and augmentation (same seed + step -> same batches).
+      num_parallel_calls: tf.data map parallelism (``-1``: AUTOTUNE).
+      prefetch: batches prefetched (``-1``: AUTOTUNE).
+      cache_eval: cache the decoded, resized eval examples in memory (small eval sets only).
+    """
+    c = ml_collections.ConfigDict()
+    c.source = "shapes"
+    c.tfds_name = "coco/2017"
+    c.tfds_data_dir = ml_collections.config_dict.placeholder(str)
+    c.train_split = "train"
+    c.eval_split = "validation"
+    c.train_annotations = ""
+    c.train_images = ""
+    c.eval_annotations = ""
+    c.eval_images = ""
+    c.label_space = "contiguous"
+    c.max_instances_per_image = 100
+    c.skip_crowd_during_training = True
+
+    c.shapes = ml_collections.ConfigDict()
+    c.shapes.num_train = 2000
+    c.shapes.num_eval = 200
+    c.shapes.train_seed = 0
+    c.shapes.eval_seed = 1
+    c.shapes.image_size = 256
+    c.shapes.num_classes = 4
+    c.shapes.min_objects = 2
+    c.shapes.max_objects = 10
+
+    c.hflip = True
+    c.jitter_min = 0.1
+    c.jitter_max = 2.0
+    c.autoaugment_policy = ""
+    c.randaugment_layers = 0
+    c.randaugment_magnitude = 10
+
+    c.shuffle_buffer = 1024
+    c.seed = 0
+    c.num_parallel_calls = -1
+    c.prefetch = 2
+    c.cache_eval = False
+    return c
+
+
+_ALLOWED_KEYS = frozenset(default_data_config().keys())
+_SHAPES_KEYS = frozenset(default_data_config().shapes.keys())
+
+
+def _fail(key: str, value: object, allowed: str) -> None:
+    raise ValueError(f"config.data.{key}={value!r} is invalid; allowed: {allowed}")
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ValueError`` naming the first bad key/value of ``config.data`` and the allowed."""
+    for key in config.keys():
+        if key not in _ALLOWED_KEYS:
+            _fail(key, config[key], f"keys {sorted(_ALLOWED_KEYS)}")
+    for key in config.shapes.keys():
+        if key not in _SHAPES_KEYS:
+            _fail(f"shapes.{key}", config.shapes[key], f"keys {sorted(_SHAPES_KEYS)}")
+    if config.source not in SOURCES:
+        _fail("source", config.source, str(SOURCES))
+    if config.label_space not in LABEL_SPACES:
+        _fail("label_space", config.label_space, str(LABEL_SPACES))
+    if config.autoaugment_policy not in AUTOAUGMENT_POLICIES:
+        _fail("autoaugment_policy", config.autoaugment_policy, str(AUTOAUGMENT_POLICIES))
+    if config.source == "coco_json":
+        for key in ("train_annotations", "train_images", "eval_annotations", "eval_images"):
+            if not config[key]:
+                _fail(key, config[key], "a path (required when source='coco_json')")
+    if config.source == "tfds" and not config.tfds_name:
+        _fail("tfds_name", config.tfds_name, "a tfds name such as 'coco/2017' or 'voc/2007'")
+    if not 1 <= config.max_instances_per_image <= 10000:
+        _fail("max_instances_per_image", config.max_instances_per_image, "1..10000")
+    if not 0 < config.jitter_min <= config.jitter_max:
+        _fail("jitter_min", config.jitter_min,
+              f"0 < jitter_min <= jitter_max ({config.jitter_max})")
+    if not 0 <= config.randaugment_layers <= 10:
+        _fail("randaugment_layers", config.randaugment_layers, "0..10")
+    if not 0 <= config.randaugment_magnitude <= 10:
+        _fail("randaugment_magnitude", config.randaugment_magnitude, "0..10")
+    if config.shuffle_buffer < 1:
+        _fail("shuffle_buffer", config.shuffle_buffer, ">= 1")
+    if config.num_parallel_calls == 0 or config.num_parallel_calls < -1:
+        _fail("num_parallel_calls", config.num_parallel_calls, "-1 (AUTOTUNE) or >= 1")
+    if config.prefetch == 0 or config.prefetch < -1:
+        _fail("prefetch", config.prefetch, "-1 (AUTOTUNE) or >= 1")
+    s = config.shapes
+    if not 1 <= s.num_classes <= 6:
+        _fail("shapes.num_classes", s.num_classes, "1..6")
+    if not 1 <= s.min_objects <= s.max_objects <= 30:
+        _fail("shapes.min_objects", s.min_objects, "1 <= min_objects <= max_objects <= 30")
+    if s.num_train < 1 or s.num_eval < 1:
+        _fail("shapes.num_train", (s.num_train, s.num_eval), "num_train, num_eval >= 1")
+    if not 32 <= s.image_size <= 4096:
+        _fail("shapes.image_size", s.image_size, "32..4096")
+    if s.train_seed == s.eval_seed:
+        _fail("shapes.eval_seed", s.eval_seed, f"a seed different from train_seed ({s.train_seed})")

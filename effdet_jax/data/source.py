@@ -1,0 +1,79 @@
+"""The contract between a data source and the pipeline, plus the dispatcher over sources.
+
+A source yields cheap *records* in a fixed order (an index, or a tfds example) and a ``decode``
+function that turns one record into an *example*: a dict of tensors
+
+* ``image``: [H,W,3] uint8 RGB,
+* ``boxes``: [N,4] float32 yxyx normalised to the image (may still be bad: the pipeline sanitises),
+* ``classes``: [N] int32 label index (``LabelMap``), ``is_crowd``: [N] bool,
+* ``image_id``: int64 scalar, ``readable``: bool scalar (False: the file could not be decoded; the
+  image is then a 1x1 black placeholder and there are no boxes),
+* ``counts``: ``{name: int32}`` source-level counters (see ``counts.COUNT_KEYS``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import ml_collections
+import tensorflow as tf
+
+from effdet_jax.data.label_map import LabelMap
+
+SPLITS = ("train", "eval")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """One split of one dataset, already restricted to this process' shard.
+
+    Attributes:
+      records: tf.data.Dataset of records in a deterministic order.
+      num_records: records in ``records`` (this shard).
+      decode: record -> example (see module docstring); traceable by tf.data.
+      label_map: category ids <-> label indices, with class names.
+      gt_annotations: path of a COCO json with this split's ground truth, or None (then the
+        evaluator builds the ground truth from the examples).
+      total_records: records of the split over all processes.
+    """
+
+    records: tf.data.Dataset
+    num_records: int
+    decode: Callable[[object], dict]
+    label_map: LabelMap
+    gt_annotations: str | None = None
+    total_records: int = 0
+
+
+def make_source(
+    config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1
+) -> Source:
+    """Build the source chosen by ``config.source`` (``config`` is ``config.data``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split={split!r}; allowed: {SPLITS}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} not in 0..{process_count - 1}")
+    if config.source == "shapes":
+        from effdet_jax.data import shapes
+
+        return shapes.make_shapes_source(config, split, process_index, process_count)
+    if config.source == "coco_json":
+        from effdet_jax.data import coco_json
+
+        return coco_json.make_coco_json_source(config, split, process_index, process_count)
+    if config.source == "tfds":
+        from effdet_jax.data import tfds_source
+
+        return tfds_source.make_tfds_source(config, split, process_index, process_count)
+    raise ValueError(f"config.data.source={config.source!r}; allowed: shapes, tfds, coco_json")
+
+
+def shard_range(num: int, process_index: int, process_count: int) -> tf.data.Dataset:
+    """Indices ``process_index, process_index + process_count, ...`` below ``num`` (int64)."""
+    return tf.data.Dataset.range(num).shard(process_count, process_index)
+
+
+def shard_size(num: int, process_index: int, process_count: int) -> int:
+    """How many of ``range(num)`` fall in shard ``process_index`` of ``process_count``."""
+    return len(range(process_index, num, process_count))

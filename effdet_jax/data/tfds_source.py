@@ -1,0 +1,118 @@
+"""A prepared tfds detection dataset (``coco/2017``, ``voc/2007``, ``voc/2012``...) as a Source.
+
+Needs the features ``image`` and ``objects/{bbox,label}`` (bbox yxyx normalised, as tfds'
+``BBoxFeature``); ``objects/is_crowd`` (COCO) or ``objects/is_difficult`` (VOC) mark boxes that the
+evaluation ignores (class ``-2``); ``image/id`` is used as the image id when present, else a hash of
+``image/filename``. Multi-host: process ``i`` of ``n`` reads ``tfds.even_splits(split, n)[i]``.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from effdet_jax.data import counts as C
+from effdet_jax.data.label_map import LabelMap, tfds_label_to_category_table
+from effdet_jax.data.source import Source
+
+
+class DatasetNotPreparedError(RuntimeError):
+    """The tfds dataset is not on disk; the message gives the command that prepares it."""
+
+
+def prepare_command(name: str, data_dir: str | None) -> str:
+    """The shell command that downloads and prepares a tfds dataset."""
+    dd = f" --data_dir={data_dir}" if data_dir else ""
+    cmd = f"tfds build {name}{dd}"
+    if name.startswith("coco"):
+        cmd += "  (downloads ~25 GB from images.cocodataset.org)"
+    return cmd
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except tfds.core.registered.DatasetNotFoundError as e:
+        raise ValueError(f"config.data.tfds_name={name!r} is not a tfds dataset: {e}") from e
+    return builder
+
+
+def _not_prepared(name: str, data_dir: str | None, cause: Exception) -> DatasetNotPreparedError:
+    where = data_dir or "the default tfds data dir (~/tensorflow_datasets)"
+    return DatasetNotPreparedError(
+        f"tfds dataset {name} is not prepared in {where} ({type(cause).__name__}). "
+        "Prepare it with:\n    " + prepare_command(name, data_dir)
+        + "\nor use config.data.source='shapes' (synthetic, no download)."
+    )
+
+
+def _count(ds: tf.data.Dataset) -> int:
+    n = int(ds.cardinality())
+    return n if n >= 0 else int(ds.reduce(0, lambda c, _: c + 1))
+
+
+def make_tfds_source(
+    config: ml_collections.ConfigDict, split: str, process_index: int, process_count: int
+) -> Source:
+    """``config.tfds_name`` / ``{train,eval}_split`` as a ``Source`` for one process."""
+    data_dir = config.tfds_data_dir or None
+    builder = _builder(config.tfds_name, data_dir)
+    features = builder.info.features
+    objects = features["objects"]
+    label_feature = objects["label"]
+    names = tuple(label_feature.names)
+    table = tfds_label_to_category_table(config.tfds_name, len(names))
+    label_map = LabelMap(tuple(int(c) for c in table), names, config.label_space)
+    label_of_tfds = tf.constant([label_map.label_of_category(int(c)) for c in table], tf.int32)
+
+    split_name = config.train_split if split == "train" else config.eval_split
+    shard = tfds.even_splits(split_name, n=process_count)[process_index] if process_count > 1 \
+        else split_name
+    try:
+        # as_dataset is what fails when the data is missing (``is_prepared`` would also be False
+        # under tfds.testing.mock_data, which patches as_dataset only).
+        records = builder.as_dataset(
+            split=shard, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+        )
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+        if builder.is_prepared():
+            raise
+        raise _not_prepared(config.tfds_name, data_dir, e) from e
+    if builder.info.splits:
+        num = int(builder.info.splits[shard].num_examples)
+        total = int(builder.info.splits[split_name].num_examples)
+    else:  # no split metadata (e.g. tfds mock data): count the records once
+        num = _count(records)
+        total = num if process_count == 1 else _count(builder.as_dataset(split=split_name))
+    has_id = "image/id" in features
+    crowd_key = next((k for k in ("is_crowd", "is_difficult") if k in objects), None)
+
+    def decode(ex: dict) -> dict:
+        obj = ex["objects"]
+        # All per-object tensors must agree in length; take the common prefix if they do not.
+        n = tf.shape(obj["bbox"])[0]
+        n = tf.minimum(n, tf.shape(obj["label"])[0])
+        if crowd_key:
+            n = tf.minimum(n, tf.shape(obj[crowd_key])[0])
+        labels = tf.cast(obj["label"][:n], tf.int32)
+        known = (labels >= 0) & (labels < len(names))
+        classes = tf.where(known, tf.gather(label_of_tfds, tf.clip_by_value(labels, 0,
+                                                                            len(names) - 1)), -1)
+        crowd = tf.cast(obj[crowd_key][:n], tf.bool) if crowd_key else tf.zeros([n], tf.bool)
+        if has_id:
+            image_id = tf.cast(ex["image/id"], tf.int64)
+        else:
+            image_id = tf.strings.to_hash_bucket_fast(ex["image/filename"], 2**53)
+        return {
+            "image": ex["image"],
+            "boxes": tf.reshape(tf.cast(obj["bbox"][:n], tf.float32), [-1, 4]),
+            "classes": classes,
+            "is_crowd": crowd,
+            "image_id": image_id,
+            "readable": tf.constant(True),
+            "counts": C.zero_counts(),
+        }
+
+    return Source(records=records, num_records=num, decode=decode, label_map=label_map,
+                  total_records=total)

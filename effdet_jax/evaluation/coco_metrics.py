@@ -1,0 +1,210 @@
+"""COCO detection metrics through pycocotools, for any dataset of this package.
+
+One code path for every source: the ground truth is the dataset's COCO json when it has one, else
+it is built from the eval batches (``add_groundtruth``). Detections are collected per batch in
+original-image pixels, written as a COCO results json (``[x, y, w, h]``, dataset category ids), and
+scored with ``COCOeval`` on the images that were fed (``image_id == -1`` is skipped).
+
+Multi-host: COCO AP does not decompose over shards; gather every process' detections (and built
+ground truth) to one process before ``evaluate``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+
+import numpy as np
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from effdet_jax.data.label_map import LabelMap
+
+log = logging.getLogger(__name__)
+
+# Names of COCOeval.stats, in order (automl's names).
+METRIC_NAMES: tuple[str, ...] = (
+    "AP", "AP50", "AP75", "APs", "APm", "APl", "ARmax1", "ARmax10", "ARmax100", "ARs", "ARm", "ARl",
+)  # fmt: skip
+
+
+def yxyx_to_xywh(boxes: np.ndarray) -> np.ndarray:
+    """[...,4] yxyx -> [...,4] COCO ``[x, y, width, height]``."""
+    boxes = np.asarray(boxes, np.float64)
+    y0, x0, y1, x1 = np.moveaxis(boxes, -1, 0)
+    return np.stack([x0, y0, x1 - x0, y1 - y0], axis=-1)
+
+
+class CocoEvaluator:
+    """Accumulates detections (and optionally ground truth) and returns COCO metrics.
+
+    Args:
+      label_map: maps 0-based label indices to the dataset's category ids and names.
+      gt_annotations: COCO json of the ground truth; None to build it from ``add_groundtruth``.
+      per_class: also report ``AP/<class name>`` (AP@[.5:.95] per category).
+    """
+
+    def __init__(self, label_map: LabelMap, gt_annotations: str | None = None,
+                 per_class: bool = False):
+        self.label_map = label_map
+        self.gt_annotations = gt_annotations
+        self.per_class = per_class
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget everything fed so far."""
+        self._detections: list[dict] = []
+        self._gt_images: dict[int, dict] = {}
+        self._gt_annotations: list[dict] = []
+        self._image_ids: set[int] = set()
+
+    def add_detections(
+        self,
+        image_id: np.ndarray,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        classes: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """One batch of detections.
+
+        Args:
+          image_id: [B] int; rows with -1 (padding) are skipped.
+          boxes: [B,K,4] yxyx in original-image pixels.
+          scores: [B,K].
+          classes: [B,K] 0-based label index.
+          valid: [B] number of valid detections per row (the first ``valid[b]`` are used).
+        """
+        image_id = np.asarray(image_id).reshape(-1)
+        boxes, scores, classes = np.asarray(boxes), np.asarray(scores), np.asarray(classes)
+        for b, iid in enumerate(image_id):
+            if iid < 0:
+                continue
+            self._image_ids.add(int(iid))
+            n = int(np.asarray(valid).reshape(-1)[b])
+            if n == 0:
+                continue
+            xywh = yxyx_to_xywh(boxes[b, :n])
+            cats = self.label_map.category_of_labels(classes[b, :n].astype(np.int64))
+            for k in range(n):
+                self._detections.append({
+                    "image_id": int(iid),
+                    "category_id": int(cats[k]),
+                    "bbox": [round(float(v), 3) for v in xywh[k]],
+                    "score": round(float(scores[b, k]), 5),
+                })
+
+    def add_groundtruth(
+        self,
+        image_id: np.ndarray,
+        boxes: np.ndarray,
+        classes: np.ndarray,
+        crowd_classes: np.ndarray | None = None,
+        image_hw: np.ndarray | None = None,
+    ) -> None:
+        """One batch of ground truth (only used when there is no ``gt_annotations`` json).
+
+        Args:
+          image_id: [B] int; -1 rows are skipped.
+          boxes: [B,M,4] yxyx in original-image pixels.
+          classes: [B,M] label index; -1 padding; -2 crowd (its class is in ``crowd_classes``).
+          crowd_classes: [B,M] label index of crowd rows (else -1), or None to ignore crowd rows.
+          image_hw: [B,2] original image height and width (optional, only informative).
+        """
+        image_id = np.asarray(image_id).reshape(-1)
+        boxes, classes = np.asarray(boxes), np.asarray(classes)
+        for b, iid in enumerate(image_id):
+            if iid < 0:
+                continue
+            iid = int(iid)
+            self._image_ids.add(iid)
+            info = {"id": iid}
+            if image_hw is not None:
+                info["height"], info["width"] = (int(v) for v in np.asarray(image_hw)[b])
+            self._gt_images[iid] = info
+            rows = [(int(c), 0) for c in classes[b]]
+            if crowd_classes is not None:
+                crowd = np.asarray(crowd_classes)[b]
+                rows = [(int(crowd[m]), 1) if c == -2 else (c, 0) for m, (c, _) in enumerate(rows)]
+            for m, (label, is_crowd) in enumerate(rows):
+                if label < 0:
+                    continue
+                x, y, w, h = (float(v) for v in yxyx_to_xywh(boxes[b, m]))
+                self._gt_annotations.append({
+                    "id": len(self._gt_annotations) + 1,
+                    "image_id": iid,
+                    "category_id": int(self.label_map.category_of_labels(np.array(label))),
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": is_crowd,
+                })
+
+    def add_batch(self, batch: dict, detections: tuple) -> None:
+        """Convenience: a pipeline eval batch plus ``(boxes, scores, classes, valid)`` in
+        network-input pixels; both are mapped to original pixels with ``batch["image_scale"]``."""
+        scale = np.asarray(batch["image_scale"], np.float64)[:, None, None]
+        boxes, scores, classes, valid = (np.asarray(d) for d in detections)
+        self.add_detections(batch["image_id"], boxes * scale, scores, classes, valid)
+        if self.gt_annotations is None:
+            self.add_groundtruth(batch["image_id"], np.asarray(batch["boxes"]) * scale,
+                                 batch["classes"], batch.get("crowd_classes"))
+
+    @property
+    def detections(self) -> list[dict]:
+        """The COCO results list collected so far (xywh original pixels, dataset category ids)."""
+        return self._detections
+
+    def write_results(self, path: str) -> None:
+        """Write the COCO results json of all detections."""
+        with open(path, "w") as f:
+            json.dump(self._detections, f)
+
+    def _ground_truth(self) -> COCO:
+        with contextlib.redirect_stdout(io.StringIO()):
+            if self.gt_annotations is not None:
+                return COCO(self.gt_annotations)
+            gt = COCO()
+            gt.dataset = {
+                "images": [self._gt_images.get(i, {"id": i}) for i in sorted(self._image_ids)],
+                "annotations": copy.deepcopy(self._gt_annotations),
+                "categories": self.label_map.categories_json(),
+            }
+            gt.createIndex()
+        return gt
+
+    def evaluate(self) -> dict[str, float]:
+        """COCO metrics over the images fed so far (``METRIC_NAMES``, plus ``AP/<name>``)."""
+        if not self._image_ids:
+            raise ValueError("no images were fed to the evaluator")
+        gt = self._ground_truth()
+        if not self._detections:
+            log.warning("no detections: every metric is 0")
+            return {k: 0.0 for k in METRIC_NAMES}
+        image_ids = sorted(self._image_ids)
+        missing = set(image_ids) - set(gt.getImgIds())
+        if missing:
+            raise ValueError(f"{len(missing)} image ids are not in the ground truth "
+                             f"{self.gt_annotations}: e.g. {sorted(missing)[:5]}")
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes(copy.deepcopy(self._detections))
+            ev = COCOeval(gt, dt, iouType="bbox")
+            ev.params.imgIds = image_ids
+            ev.evaluate()
+            ev.accumulate()
+            summary = io.StringIO()
+            with contextlib.redirect_stdout(summary):
+                ev.summarize()
+        log.info("COCO metrics:\n%s", summary.getvalue())
+        metrics = {k: float(v) for k, v in zip(METRIC_NAMES, ev.stats, strict=True)}
+        if self.per_class:
+            # precision: [T iou, R recall, K cat, A area, M maxdets]; area 'all', maxDets 100.
+            precision = ev.eval["precision"][:, :, :, 0, -1]
+            names = dict(zip(self.label_map.category_ids, self.label_map.names, strict=True))
+            for k, cat in enumerate(ev.params.catIds):
+                p = precision[:, :, k]
+                p = p[p > -1]
+                metrics[f"AP/{names.get(cat, cat)}"] = float(p.mean()) if p.size else -1.0
+        return metrics

@@ -1,0 +1,278 @@
+"""The training / evaluation loop: ``train_and_evaluate(config, workdir)`` and friends.
+
+Everything is built by ``experiment.build_experiment``; this module only orders the work:
+restore or initialise, feed batches, log one step late (the device never waits for the host),
+evaluate, checkpoint, and stop cleanly on SIGTERM or a non-finite loss.
+"""
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from clu import metric_writers, parameter_overview, periodic_actions
+
+from effdet_jax.train import checkpointing, distributed, evaluation_loop, input_pipeline, optimizer
+from effdet_jax.train.config_validation import validate_config
+from effdet_jax.train.experiment import Experiment, build_experiment, host_batch_to_global
+from effdet_jax.train.train_step import TRAIN_KEYS
+
+# Loss parts a non-finite error names (keys of the step metrics), in the order they are checked.
+LOSS_PARTS = ("cls_loss", "box_loss", "box_iou_loss", "reg_l2_loss")
+_PART_NAMES = {"cls_loss": "cls", "box_loss": "box", "box_iou_loss": "iou", "reg_l2_loss": "l2"}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss of ``step`` (1-based: the step that would have produced state ``step``) was not
+    finite; ``parts`` names the offending parts (``cls``, ``box``, ``iou``, ``l2``, or ``grad``)."""
+
+    def __init__(self, step: int, parts: list[str], values: dict[str, float]):
+        self.step, self.parts = step, parts
+        shown = ", ".join(f"{k}={v}" for k, v in values.items())
+        super().__init__(
+            f"non-finite loss at step {step} in part(s) {', '.join(parts)} ({shown}); the update "
+            "was not applied and no checkpoint was written after it"
+        )
+
+
+def nonfinite_parts(metrics: dict[str, Any]) -> list[str]:
+    """Names of the non-finite loss parts in fetched metrics (``grad`` if only the gradient)."""
+    parts = [_PART_NAMES[k] for k in LOSS_PARTS if k in metrics and not np.isfinite(metrics[k])]
+    if not parts and not np.isfinite(metrics.get("grad_norm", 0.0)):
+        parts = ["grad"]
+    return parts or ["loss"]
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop polls, so it can save and exit between steps."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        del signum, frame
+        logging.warning("SIGTERM: saving a checkpoint after the current step and exiting")
+        self.requested = True
+
+    def restore(self):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _checkpoint_manager(config, workdir):
+    return checkpointing.make_manager(
+        os.path.join(workdir, "checkpoints"),
+        checkpointing.CheckpointOptions(
+            every_steps=config.checkpoint.every_steps,
+            keep=config.checkpoint.keep,
+            keep_best=config.checkpoint.keep_best,
+            async_save=config.checkpoint.async_save,
+        ),
+    )
+
+
+def restore_or_init(exp: Experiment, manager) -> Any:
+    """The latest checkpoint's state if there is one, else a fresh state (both sharded)."""
+    target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    restored = checkpointing.restore_latest(manager, target)
+    if restored is None:
+        return exp.init_state()
+    state, step = restored
+    logging.info("resumed from the checkpoint of step %d", step)
+    return state
+
+
+def setup(config: ml_collections.ConfigDict) -> Experiment:
+    """Distributed start-up (if asked for), config validation, then the experiment."""
+    distributed.maybe_initialize()
+    validate_config(config, num_devices=jax.device_count())
+    return build_experiment(config)
+
+
+def _write_params_overview(state, writer_is_primary: bool) -> None:
+    if not writer_is_primary:
+        return
+    include_stats = jax.process_count() == 1
+    logging.info(
+        "parameters:\n%s",
+        parameter_overview.get_parameter_overview(state.params, include_stats=include_stats),
+    )
+
+
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, evaluate_during_training: bool = True
+) -> dict[str, float]:
+    """Trains for ``optimizer.total_steps(config.train)`` steps, evaluating (every
+    ``eval.every_steps`` and at the end, unless ``evaluate_during_training`` is off) and
+    checkpointing periodically; resumes from ``workdir/checkpoints`` if present.
+
+    Returns the last eval metrics (empty without evaluation).
+    """
+    exp = setup(config)
+    primary = jax.process_index() == 0
+    writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
+    manager = _checkpoint_manager(config, workdir)
+    state = restore_or_init(exp, manager)
+    start = int(jax.device_get(state.step))
+    total = optimizer.total_steps(config.train)
+    if start == 0:
+        _write_params_overview(state, primary)
+        writer.write_hparams(_flat_hparams(config))
+
+    batches = input_pipeline.train_batches(config, exp.image_size, start_step=start)
+    hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]
+    sigterm = _SigtermFlag()
+    eval_metrics: dict[str, float] = {}
+    pending: tuple[int, dict] | None = None  # (step, device metrics) not fetched yet
+
+    def drain() -> None:
+        """Fetch the pending metrics; log them, and stop on a non-finite loss."""
+        nonlocal pending
+        if pending is None:
+            return
+        step, device_metrics = pending
+        pending = None
+        metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
+        if metrics["finite"] < 1.0:
+            parts = nonfinite_parts(metrics)
+            values = {k: metrics[k] for k in LOSS_PARTS + ("grad_norm",) if k in metrics}
+            if config.train.nonfinite_policy == "error":
+                manager.wait_until_finished()
+                raise NonFiniteLossError(step, parts, values)
+            logging.warning("step %d: non-finite %s, update skipped", step, parts)
+        if step % config.log_every_steps == 0 or step == total:
+            writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+
+    try:
+        with jax.set_mesh(exp.mesh):
+            for step in range(start + 1, total + 1):
+                host_batch = next(batches)
+                batch = host_batch_to_global(host_batch, exp.batch_sharding, TRAIN_KEYS)
+                state, device_metrics = exp.train_step(state, batch)
+                drain()  # the previous step's metrics, fetched while this one runs
+                pending = (step, device_metrics)
+                for hook in hooks:
+                    hook(step)
+                do_eval = evaluate_during_training and (
+                    step % config.eval.every_steps == 0 or step == total
+                )
+                do_save = do_eval or step % config.checkpoint.every_steps == 0
+                if do_save or sigterm.requested:
+                    drain()  # never checkpoint a state whose step was not checked
+                if do_eval:
+                    with hooks[0].timed("eval"):
+                        eval_metrics = evaluation_loop.evaluate(exp, state, writer, step)
+                if do_save or sigterm.requested:
+                    checkpointing.save(
+                        manager,
+                        state,
+                        step,
+                        metrics=_best_metric(eval_metrics) if do_eval else None,
+                        force=do_eval or sigterm.requested or step == total,
+                    )
+                if sigterm.requested:
+                    logging.warning("stopped by SIGTERM after step %d", step)
+                    break
+            drain()
+    finally:
+        manager.wait_until_finished()
+        sigterm.restore()
+        writer.flush()
+    manager.close()
+    return eval_metrics
+
+
+def _best_metric(eval_metrics: dict[str, float]) -> dict[str, float] | None:
+    value = eval_metrics.get(checkpointing.BEST_METRIC)
+    return None if value is None else {checkpointing.BEST_METRIC: float(value)}
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, ml_collections.ConfigDict):
+                visit(name + ".", value)
+            elif isinstance(value, int | float | str | bool):
+                flat[name] = value
+
+    visit("", config)
+    return flat
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+    """Evaluates the latest checkpoint of ``workdir`` (EMA weights by default)."""
+    exp = setup(config)
+    manager = _checkpoint_manager(config, workdir)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    state = restore_or_init(exp, manager)
+    writer = metric_writers.create_default_writer(
+        workdir, just_logging=jax.process_index() != 0, collection="eval"
+    )
+    with jax.set_mesh(exp.mesh):
+        metrics = evaluation_loop.evaluate(exp, state, writer, int(jax.device_get(state.step)))
+    writer.flush()
+    manager.close()
+    return metrics
+
+
+def predict(
+    config: ml_collections.ConfigDict, workdir: str, paths: list[str], output_dir: str
+) -> list[dict]:
+    """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
+    images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
+    from effdet_jax import visualize
+    from effdet_jax.data.source import make_source
+
+    exp = setup(config)
+    manager = _checkpoint_manager(config, workdir)
+    if manager.latest_step() is None:
+        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
+    state = restore_or_init(exp, manager)
+    manager.close()
+    variables = exp.eval_variables(state)
+    batch_size = exp.mesh.shape["data"]
+
+    def detect_fn(images: np.ndarray):
+        batch = host_batch_to_global({"images": images}, exp.batch_sharding, ("images",))
+        out = jax.device_get(exp.detect(variables, batch["images"]))
+        return out["boxes"], out["scores"], out["classes"], out["valid"]
+
+    class_names = make_source(config.data, "eval").label_map.names
+    with jax.set_mesh(exp.mesh):
+        return visualize.predict_images(
+            paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size
+        )
+
+
+def summary(config: ml_collections.ConfigDict) -> str:
+    """Parameter table, counts and per-level output shapes at full size, via ``jax.eval_shape``
+    only (nothing is compiled or allocated)."""
+    validate_config(config)
+    exp = build_experiment(config)
+    state = exp.abstract_state
+    table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
+    images = jax.ShapeDtypeStruct((1, exp.image_size, exp.image_size, 3), np.float32)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    cls_out, box_out = jax.eval_shape(
+        lambda v, x: exp.model.apply(v, x, train=False), variables, images
+    )
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    lines = [
+        table,
+        f"model {config.model.name}: {n_params:,} parameters, input {exp.image_size}px",
+        "outputs per level (class, box): "
+        + ", ".join(f"{c.shape[1:]}/{b.shape[-1]}" for c, b in zip(cls_out, box_out, strict=True)),
+        f"train steps: {optimizer.total_steps(config.train)}, mesh {dict(exp.mesh.shape)}",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,60 @@
+"""Train, evaluate and run EfficientDet.
+
+  python main.py --config=configs/shapes.py --workdir=/tmp/shapes
+  python main.py --config=configs/d3.py --workdir=DIR --config.train.batch_size=128
+  python main.py --config=configs/d0.py --workdir=DIR --mode=predict --images='imgs/*.jpg' \
+      --output=/tmp/pred
+
+This file only parses flags; everything else is in ``effdet_jax.train`` (importable in notebooks).
+"""
+
+import glob
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from effdet_jax.train import trainer
+
+MODES = ("train", "eval", "train_and_eval", "predict", "summary")
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+)
+flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval results go here.")
+flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to do.")
+flags.DEFINE_string("images", None, "predict: glob of image files.")
+flags.DEFINE_string("output", None, "predict: folder for the drawn images and detections.json.")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    from effdet_jax.data import hide_gpus_from_tf
+
+    hide_gpus_from_tf()
+    config = FLAGS.config
+    if FLAGS.mode == "summary":
+        print(trainer.summary(config))
+        return
+    if not FLAGS.workdir:
+        raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
+    if FLAGS.mode == "train_and_eval":
+        trainer.train_and_evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "train":
+        trainer.train_and_evaluate(config, FLAGS.workdir, evaluate_during_training=False)
+    elif FLAGS.mode == "eval":
+        trainer.evaluate(config, FLAGS.workdir)
+    elif FLAGS.mode == "predict":
+        if not FLAGS.images or not FLAGS.output:
+            raise app.UsageError("--mode=predict needs --images and --output")
+        paths = sorted(glob.glob(FLAGS.images))
+        if not paths:
+            raise app.UsageError(f"--images={FLAGS.images!r} matches no file")
+        trainer.predict(config, FLAGS.workdir, paths, FLAGS.output)
+    logging.info("done: %s", FLAGS.mode)
+
+
+if __name__ == "__main__":
+    app.run(main)

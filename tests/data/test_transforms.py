@@ -1,0 +1,92 @@
+"""Augmentation keeps boxes on the pixels they cover."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effdet_jax.data.config import default_data_config
+from effdet_jax.data.counts import zero_counts
+from effdet_jax.data.pipeline import eval_example, train_example
+from effdet_jax.data.shapes import shapes_label_map
+from effdet_jax.data.source import Source
+from effdet_jax.data.transforms import denormalize_image, normalize_image
+
+H, W, S = 90, 150, 64
+RECT = (20, 30, 50, 100)  # y0, x0, y1, x1 in pixels of the original image
+
+
+def _example():
+    image = np.zeros((H, W, 3), np.uint8)
+    y0, x0, y1, x1 = RECT
+    image[y0:y1, x0:x1] = 255
+    box = np.array([[y0 / H, x0 / W, y1 / H, x1 / W]], np.float32)
+    return {
+        "image": tf.constant(image), "boxes": tf.constant(box), "classes": tf.constant([1]),
+        "is_crowd": tf.constant([False]), "image_id": tf.constant(7, tf.int64),
+        "readable": tf.constant(True), "counts": zero_counts(),
+    }
+
+
+def _source():
+    return Source(tf.data.Dataset.range(1), 1, lambda r: r, shapes_label_map(3))
+
+
+def _white_extent(image: np.ndarray) -> np.ndarray:
+    u8 = denormalize_image(tf.constant(image)).numpy()
+    mask = u8.mean(-1) > 127.5  # bilinear edges cross half-intensity at the true edge
+    ys, xs = np.nonzero(mask)
+    return np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32)
+
+
+def test_normalisation_is_imagenet_mean_std():
+    x = normalize_image(tf.constant([[[0, 128, 255]]], tf.uint8)).numpy()[0, 0]
+    expected = (np.array([0, 128, 255]) - 255 * np.array([0.485, 0.456, 0.406])) / (
+        255 * np.array([0.229, 0.224, 0.225]))
+    np.testing.assert_allclose(x, expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_train_boxes_follow_pixels(seed):
+    config = default_data_config()
+    config.jitter_min, config.jitter_max = 0.6, 2.0
+    out = train_example(config, _source(), S, _example(), tf.constant([seed, 3]))
+    classes = out["classes"].numpy()
+    image = out["images"].numpy()
+    assert image.shape == (S, S, 3)
+    if classes[0] == -1:  # cropped out: no white pixel may remain
+        assert int(out["counts"]["boxes_cropped_out"]) == 1
+        assert denormalize_image(tf.constant(image)).numpy().max() < 128
+        return
+    box = out["boxes"].numpy()[0]
+    np.testing.assert_allclose(_white_extent(image), box, atol=1.01)
+    # Padding (bottom-right) is zero in normalised space.
+    scale = float(out["image_scale"])
+    valid_h, valid_w = int(H / scale), int(W / scale)
+    if valid_h < S:
+        assert np.all(image[valid_h + 1 :] == 0)
+    if valid_w < S:
+        assert np.all(image[:, valid_w + 1 :] == 0)
+
+
+def test_flip_happens_for_some_seeds():
+    config = default_data_config()
+    config.jitter_min = config.jitter_max = 1.0
+    x_starts = set()
+    for seed in range(8):
+        out = train_example(config, _source(), S, _example(), tf.constant([seed, 0]))
+        x_starts.add(round(float(out["boxes"].numpy()[0, 1]), 2))
+    w = S * W / max(H, W) / W  # scale factor
+    assert x_starts == {round(RECT[1] * w, 2), round((W - RECT[3]) * w, 2)}
+
+
+def test_eval_resize_keeps_aspect_and_scale_maps_back():
+    out = eval_example(default_data_config(), _source(), S, _example())
+    scale = float(out["image_scale"])
+    assert scale == pytest.approx(W / S)
+    box = out["boxes"].numpy()[0]
+    # Like automl, the resized size is truncated to whole pixels, so the short axis is off by
+    # less than one network-input pixel when mapped back.
+    np.testing.assert_allclose(box * scale, RECT, atol=scale)
+    np.testing.assert_allclose(box[[1, 3]] * scale, [RECT[1], RECT[3]], atol=1e-4)
+    np.testing.assert_allclose(_white_extent(out["images"].numpy()), box, atol=1.01)
+    assert int(out["image_id"]) == 7

@@ -1,0 +1,92 @@
+"""Layers against TensorFlow's own ops (the reference for 'SAME' padding and legacy resize)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from effdet_jax.models import layers
+
+
+@pytest.mark.parametrize("size", [7, 8, 15, 16, 33])
+@pytest.mark.parametrize("kernel,stride", [(1, 1), (3, 1), (3, 2), (5, 2), (5, 1)])
+def test_conv2d_matches_tf_same(size, kernel, stride):
+    rng = np.random.default_rng(size * 10 + kernel + stride)
+    x = rng.standard_normal((2, size, size + 1, 4)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 4, 6)).astype(np.float32)
+    ref = tf.nn.conv2d(x, w, strides=stride, padding="SAME").numpy()
+    out = np.asarray(layers.conv2d(jnp.asarray(x), jnp.asarray(w), stride))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [7, 8, 15, 16])
+@pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
+@pytest.mark.parametrize("impl", ["lax", "shift_add"])
+def test_depthwise_matches_tf_same(size, kernel, stride, impl):
+    rng = np.random.default_rng(size + kernel * 7 + stride)
+    x = rng.standard_normal((2, size, size + 3, 5)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, 1, 5)).astype(np.float32)
+    # TF's depthwise kernel is [kh, kw, C, multiplier].
+    ref = tf.nn.depthwise_conv2d(
+        x, np.transpose(w, (0, 1, 3, 2)), strides=[1, stride, stride, 1], padding="SAME"
+    ).numpy()
+    out = np.asarray(layers.depthwise_conv(jnp.asarray(x), jnp.asarray(w), stride, impl))
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_depthwise_impls_have_identical_gradients(stride):
+    rng = np.random.default_rng(stride)
+    x = jnp.asarray(rng.standard_normal((2, 9, 10, 6)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, 1, 6)), jnp.float32)
+    t = jnp.asarray(rng.standard_normal((2, 5 if stride == 2 else 9, 5 if stride == 2 else 10, 6)))
+
+    def loss(impl):
+        return lambda x, w: jnp.sum(layers.depthwise_conv(x, w, stride, impl) * t)
+
+    g_lax = jax.grad(loss("lax"), argnums=(0, 1))(x, w)
+    g_sa = jax.grad(loss("shift_add"), argnums=(0, 1))(x, w)
+    for a, b in zip(g_lax, g_sa, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
+
+
+def test_depthwise_impl_auto_and_bad_value():
+    assert layers.resolve_depthwise_impl("auto") in ("lax", "shift_add")
+    if jax.default_backend() == "cpu":
+        assert layers.resolve_depthwise_impl("auto") == "shift_add"
+    with pytest.raises(ValueError, match="depthwise_impl"):
+        layers.resolve_depthwise_impl("fft")
+
+
+@pytest.mark.parametrize("size", [3, 4, 5, 8, 9, 64])
+def test_max_pool_matches_tf_same(size):
+    x = np.random.default_rng(size).standard_normal((1, size, size, 3)).astype(np.float32)
+    ref = tf.nn.max_pool2d(x, ksize=3, strides=2, padding="SAME").numpy()
+    np.testing.assert_array_equal(np.asarray(layers.max_pool_same(jnp.asarray(x))), ref)
+
+
+@pytest.mark.parametrize("src,dst", [(3, 5), (5, 10), (4, 8), (10, 20), (20, 40), (5, 9), (7, 13)])
+def test_legacy_nearest_resize_matches_tf1(src, dst):
+    x = np.random.default_rng(src * dst).standard_normal((1, src, src, 2)).astype(np.float32)
+    ref = tf.compat.v1.image.resize_nearest_neighbor(x, (dst, dst)).numpy()
+    out = np.asarray(layers.resize_nearest_legacy(jnp.asarray(x), dst, dst))
+    np.testing.assert_array_equal(out, ref)
+
+
+def test_legacy_nearest_differs_from_half_pixel_rule():
+    # automl quirk 4: 3 -> 5 picks rows [0, 0, 1, 1, 2]; jax.image.resize's half-pixel rule does not.
+    x = jnp.arange(3.0).reshape(1, 3, 1, 1)
+    ours = layers.resize_nearest_legacy(x, 5, 1)[0, :, 0, 0]
+    np.testing.assert_array_equal(np.asarray(ours), [0, 0, 1, 1, 2])
+    theirs = jax.image.resize(x, (1, 5, 1, 1), "nearest")[0, :, 0, 0]
+    assert not np.array_equal(np.asarray(theirs), np.asarray(ours))
+
+
+def test_tf_same_padding_formula():
+    # out = ceil(in / stride); odd pixel of padding after.
+    assert layers.tf_same_padding(8, 3, 2) == (0, 1)
+    assert layers.tf_same_padding(7, 3, 2) == (1, 1)
+    assert layers.tf_same_padding(5, 3, 2) == (1, 1)
+    assert layers.tf_same_padding(9, 5, 1) == (2, 2)
+    assert layers.tf_same_padding(8, 1, 2) == (0, 0)
