@@ -40,7 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 90
     config.model.image_size = config_dict.placeholder(int)
     config.model.fpn_weight_method = config_dict.placeholder(str)
-    config.model.drop_connect_rate = config_dict.placeholder(float)
+    config.model.backbone_drop_connect_rate = config_dict.placeholder(float)
     config.model.drop_connect_variant = config_dict.placeholder(str)
     # Compute dtype of activations ("bfloat16" for mixed precision); params and losses stay f32.
     config.model.dtype = "float32"

@@ -13,7 +13,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from effdet_jax.data import counts as C
-from effdet_jax.data.label_map import LabelMap, tfds_label_to_category_table
+from effdet_jax.data.label_map import COCO_CLASS_NAMES, LabelMap, tfds_label_to_category_table
 from effdet_jax.data.source import Source
 
 
@@ -62,6 +62,8 @@ def make_tfds_source(
     objects = features["objects"]
     label_feature = objects["label"]
     names = tuple(label_feature.names)
+    if config.tfds_name.startswith("coco") and len(names) == len(COCO_CLASS_NAMES):
+        names = COCO_CLASS_NAMES  # same classes; tfds' names are missing without its metadata
     table = tfds_label_to_category_table(config.tfds_name, len(names))
     label_map = LabelMap(tuple(int(c) for c in table), names, config.label_space)
     label_of_tfds = tf.constant([label_map.label_of_category(int(c)) for c in table], tf.int32)

@@ -207,11 +207,12 @@ class DepthwiseConv2D(nn.Module):
     strides: int = 1
     dtype: Dtype = jnp.float32
     impl: str = "auto"
+    kernel_init: Callable = depthwise_kernel_init
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         k = self.kernel_size
-        kernel = self.param("kernel", depthwise_kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
+        kernel = self.param("kernel", self.kernel_init, (k, k, 1, x.shape[-1]), jnp.float32)
         return depthwise_conv(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, self.impl)
 
 
@@ -227,12 +228,16 @@ class SeparableConv2D(nn.Module):
     use_bias: bool = True
     dtype: Dtype = jnp.float32
     depthwise_impl: str = "auto"
+    depthwise_kernel_init: Callable = depthwise_kernel_init
     pointwise_kernel_init: Callable = conv_kernel_init
     bias_init: Callable = nn.initializers.zeros
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = DepthwiseConv2D(self.kernel_size, 1, self.dtype, self.depthwise_impl, name="depthwise")(x)
+        x = DepthwiseConv2D(
+            self.kernel_size, 1, self.dtype, self.depthwise_impl, self.depthwise_kernel_init,
+            name="depthwise",
+        )(x)
         pointwise = Conv2D(
             self.features, 1, 1, use_bias=False, dtype=self.dtype,
             kernel_init=self.pointwise_kernel_init, name="pointwise",

@@ -11,11 +11,12 @@ from typing import Any
 import ml_collections
 
 from effdet_jax.detection import losses, postprocess
+from effdet_jax.models import model_config
+from effdet_jax.train.model_factory import model_overrides
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "stepwise", "polynomial", "constant")
 NONFINITE_POLICIES = ("error", "skip")
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 class ConfigError(ValueError):
@@ -46,18 +47,11 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def model_choices() -> dict[str, Sequence[Any]]:
-    """Allowed values of the model options, read from the model package (one place for them)."""
-    from effdet_jax.models import model_config
-
-    choices = {}
-    for key, attr in (
-        ("fpn_weight_method", "FPN_WEIGHT_METHODS"),
-        ("drop_connect_variant", "DROP_CONNECT_VARIANTS"),
-    ):
-        values = getattr(model_config, attr, None)
-        if values is not None:
-            choices[key] = tuple(values)
-    return choices
+    """Allowed values of the model options, read from the model table (one place for them)."""
+    return {
+        "fpn_weight_method": model_config.FUSION_METHODS,
+        "drop_connect_variant": model_config.DROP_CONNECT_VARIANTS,
+    }
 
 
 def validate_config(
@@ -77,7 +71,7 @@ def validate_config(
     _one_of(config, "train.optimizer", OPTIMIZERS)
     _one_of(config, "train.lr_schedule", LR_SCHEDULES)
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
-    _one_of(config, "model.dtype", DTYPES)
+    _one_of(config, "model.dtype", model_config.DTYPES)
     _one_of(config, "eval.postprocess.method", postprocess.NMS_METHODS)
     _one_of(config, "loss.iou_loss_type", (None, *losses.IOU_LOSS_TYPES))
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
@@ -118,9 +112,9 @@ def validate_config(
             _check(value in allowed, f"model.{key}", value, f"one of {list(allowed)}")
     if config.model.image_size is not None:
         _positive(config, "model.image_size")
-    if config.model.drop_connect_rate is not None:
-        rate = config.model.drop_connect_rate
-        _check(0.0 <= rate < 1.0, "model.drop_connect_rate", rate, "0 <= value < 1")
+    if config.model.backbone_drop_connect_rate is not None:
+        rate = config.model.backbone_drop_connect_rate
+        _check(0.0 <= rate < 1.0, "model.backbone_drop_connect_rate", rate, "0 <= value < 1")
 
     if num_devices is not None:
         from effdet_jax.train.mesh import mesh_shape
@@ -135,11 +129,12 @@ def validate_config(
         _check(config.eval.batch_size % data == 0, "eval.batch_size", config.eval.batch_size,
                f"a multiple of mesh data size {data}")
 
-    if model_config_fn is None:
-        from effdet_jax.models.model_config import get_efficientdet_config as model_config_fn
-    from effdet_jax.train.model_factory import model_overrides
-
+    model_config_fn = model_config_fn or model_config.get_efficientdet_config
     try:
-        model_config_fn(config.model.name, **model_overrides(config.model))
+        model_config_fn(
+            config.model.name,
+            num_classes=config.model.num_classes,
+            **model_overrides(config.model),
+        )
     except (KeyError, ValueError, TypeError) as e:
         raise ConfigError(f"config.model: {e}") from None

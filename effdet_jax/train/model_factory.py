@@ -2,7 +2,6 @@
 
 from typing import Any
 
-import jax.numpy as jnp
 import ml_collections
 
 
@@ -14,10 +13,12 @@ def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     """
     overrides = {
         key: model_cfg[key]
-        for key in ("image_size", "fpn_weight_method", "drop_connect_rate", "drop_connect_variant")
+        for key in (
+            "image_size", "fpn_weight_method", "backbone_drop_connect_rate", "drop_connect_variant"
+        )
         if model_cfg[key] is not None
     }
-    overrides["dtype"] = jnp.dtype(model_cfg.dtype)
+    overrides["dtype"] = model_cfg.dtype
     overrides["remat"] = bool(model_cfg.remat)
     overrides.update(model_cfg.overrides.to_dict())
     return overrides

@@ -2,6 +2,7 @@
 
 import json
 import logging
+
 import numpy as np
 import pytest
 from PIL import Image

@@ -17,7 +17,8 @@ def test_each_bad_box_is_fixed_or_dropped_and_counted():
     ], np.float32)  # fmt: skip
     classes = np.array([0, 1, 2, 0, 1, 2, 7], np.int32)
     crowd = np.array([0, 0, 1, 0, 0, 0, 0], bool)
-    b, c, k, counts = sanitize_boxes(tf.constant(boxes), tf.constant(classes), tf.constant(crowd), 3)
+    b, c, k, counts = sanitize_boxes(tf.constant(boxes), tf.constant(classes),
+                                     tf.constant(crowd), 3)
     np.testing.assert_allclose(b.numpy(), [[0.1, 0.1, 0.5, 0.5], [0.2, 0.3, 0.6, 0.7],
                                            [0.0, 0.5, 0.4, 1.0]], atol=1e-7)
     np.testing.assert_array_equal(c.numpy(), [0, 2, 0])

@@ -90,3 +90,37 @@ def test_eval_resize_keeps_aspect_and_scale_maps_back():
     np.testing.assert_allclose(box[[1, 3]] * scale, [RECT[1], RECT[3]], atol=1e-4)
     np.testing.assert_allclose(_white_extent(out["images"].numpy()), box, atol=1.01)
     assert int(out["image_id"]) == 7
+
+
+@pytest.mark.parametrize("policy,layers", [("v0", 0), ("", 2)])
+def test_autoaugment_and_randaugment_keep_boxes_on_pixels(policy, layers):
+    from effdet_jax.data import autoaugment
+
+    ex = _example()
+    for seed in range(6):
+        image, boxes = autoaugment.distort(ex["image"], ex["boxes"], tf.constant([seed, 1]),
+                                           policy=policy, randaugment_layers=layers)
+        assert image.dtype == tf.uint8 and image.shape == (H, W, 3)
+        box = boxes.numpy()[0] * [H, W, H, W]
+        u8 = image.numpy().astype(float)
+        inside = u8[int(box[0]) : int(box[2]), int(box[1]) : int(box[3])]
+        if box[2] - box[0] > 2 and box[3] - box[1] > 2:
+            # The rectangle is still the brightest thing and still inside its (moved) box.
+            bright = u8.mean(-1) >= u8.mean(-1).max() - 1
+            ys, xs = np.nonzero(bright)
+            assert inside.size and ys.min() >= box[0] - 1 and ys.max() < box[2] + 1
+            assert xs.min() >= box[1] - 1 and xs.max() < box[3] + 1
+
+
+def test_translate_moves_boxes_with_pixels():
+    from effdet_jax.data.autoaugment import apply_op
+
+    ex = _example()
+    for seed in range(2):
+        image, boxes = apply_op("TranslateX_BBox", ex["image"], ex["boxes"], 1.0,
+                                tf.constant([seed, 0]))
+        ys, xs = np.nonzero(image.numpy().mean(-1) > 200)
+        box = boxes.numpy()[0] * [H, W, H, W]
+        np.testing.assert_allclose([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], box,
+                                   atol=1e-3)
+        assert abs(box[1] - RECT[1]) == pytest.approx(25, abs=1e-4)  # 250 px * level 1 / 10

@@ -1,0 +1,46 @@
+"""A small EfficientDet on the built-in synthetic "shapes" set: trains and evaluates on a laptop
+CPU (2 cores) in about 10 minutes and reaches COCO AP50 >= 0.8 on the synthetic eval split.
+
+  python main.py --config=configs/shapes.py --workdir=/tmp/shapes
+
+Same code path as the COCO configs (pipeline, losses, EMA, checkpoints, COCO metrics); only sizes
+and the learning rate differ (short run, higher rate, mild augmentation).
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """d0's backbone with a thin 2-cell BiFPN on P3-P6 at 128 px, 4 shape classes."""
+    config = default.get_config()
+    config.model.name = "efficientdet-d0"
+    config.model.num_classes = 4
+    config.model.image_size = 128
+    config.model.overrides = ml_collections.ConfigDict(
+        {"fpn_num_filters": 32, "fpn_cell_repeats": 2, "box_class_repeats": 2, "max_level": 6}
+    )
+
+    config.data.source = "shapes"
+    config.data.shapes.num_classes = 4
+    config.data.shapes.num_train = 4000
+    config.data.shapes.num_eval = 200
+    config.data.shapes.image_size = 128
+    config.data.jitter_min = 0.8
+    config.data.jitter_max = 1.2
+    config.data.shuffle_buffer = 1024
+
+    config.train.batch_size = 16
+    config.train.total_steps = 600
+    config.train.num_examples_per_epoch = 4000
+    config.train.learning_rate = 0.32  # per 64 images: 0.08 at batch 16
+    config.train.lr_warmup_init = 0.008
+    config.train.lr_warmup_epochs = 0.4  # 100 steps
+    config.train.ema_decay = 0.999
+
+    config.eval.batch_size = 40
+    config.eval.every_steps = 200
+    config.checkpoint.every_steps = 200
+    config.log_every_steps = 25
+    return config

@@ -1,0 +1,40 @@
+"""A tiny EfficientDet on 64-px synthetic shapes: seconds per step on a CPU.
+
+For tests and smoke runs of the whole trainer (``python main.py --config=configs/tiny.py``); it
+learns nothing useful. ``configs/shapes.py`` is the small config that actually trains.
+"""
+
+import ml_collections
+
+from configs import default
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """``default`` shrunk: d0 backbone, one thin BiFPN cell and head on P3-P5, 64-px input."""
+    config = default.get_config()
+    config.model.name = "efficientdet-d0"
+    config.model.num_classes = 4
+    config.model.image_size = 64
+    config.model.overrides = ml_collections.ConfigDict(
+        # P3-P5 only: the model needs image_size >= 2**max_level.
+        {"fpn_num_filters": 16, "fpn_cell_repeats": 1, "box_class_repeats": 1, "max_level": 5}
+    )
+    config.data.shapes.num_classes = 4
+    config.data.shapes.num_train = 64
+    config.data.shapes.num_eval = 16
+    config.data.shapes.image_size = 64
+    config.data.shuffle_buffer = 64
+    config.data.num_parallel_calls = 1
+
+    config.train.batch_size = 8
+    config.train.total_steps = 6
+    config.train.num_examples_per_epoch = 64
+    config.train.lr_warmup_epochs = 0.25
+    config.eval.batch_size = 8
+    config.eval.every_steps = 1000
+    config.eval.num_summary_images = 1
+    config.checkpoint.every_steps = 2
+    config.checkpoint.async_save = True
+    config.log_every_steps = 1
+    config.mesh.shard_min_size = 1024  # so tiny arrays still get sharded on 8 devices
+    return config

@@ -1,0 +1,82 @@
+"""EfficientDet (Tan, Pang & Le 2020) in flax.linen: EfficientNet backbone, BiFPN, shared heads.
+
+``model.apply(variables, images, train=False)`` with images ``[batch, height, width, 3]`` (normalised,
+``config.image_size``) returns ``(class_outputs, box_outputs)``: lists over levels min..max of
+``[batch, h_l, w_l, num_anchors * num_classes]`` raw logits and ``[batch, h_l, w_l, num_anchors * 4]``
+raw box deltas (ty, tx, th, tw), anchor-major. Targets, losses and post-processing are plain functions
+in ``effdet_jax.detection``.
+
+Parameter tree: ``backbone`` (EfficientNet features), ``resample_p{L}`` for levels the backbone lacks,
+``fpn_cell_{c}`` (BiFPN cells), ``class_net`` and ``box_net``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature
+from effdet_jax.models.efficientnet import EfficientNet
+from effdet_jax.models.efficientnet_config import get_efficientnet_config
+from effdet_jax.models.heads import CLASS_PRIOR, PredictionHead
+from effdet_jax.models.model_config import EfficientDetConfig, get_efficientdet_config
+
+
+class EfficientDet(nn.Module):
+    """EfficientDet for one ``EfficientDetConfig``; see the module docstring for layouts."""
+
+    config: EfficientDetConfig
+
+    @nn.compact
+    def __call__(self, images: jax.Array, train: bool = False):
+        cfg = self.config
+        dtype = jnp.dtype(cfg.dtype)
+        backbone_cfg = get_efficientnet_config(
+            cfg.backbone_name,
+            drop_connect_rate=cfg.backbone_drop_connect_rate,
+            drop_connect_variant=cfg.drop_connect_variant,
+            activation=cfg.activation,
+        )
+        endpoints = EfficientNet(
+            backbone_cfg, features_only=True, dtype=dtype, depthwise_impl=cfg.depthwise_impl,
+            remat=cfg.remat, name="backbone",
+        )(images, train)
+        sizes = cfg.feature_sizes()
+        feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, 6)}
+        for lvl in range(6, cfg.max_level + 1):
+            feats[lvl] = ResampleFeature(
+                cfg.fpn_num_filters, sizes[lvl], dtype, name=f"resample_p{lvl}"
+            )(feats[lvl - 1], train)
+        for lvl, (h, w) in sizes.items():
+            if feats[lvl].shape[1:3] != (h, w):
+                raise ValueError(
+                    f"P{lvl} is {feats[lvl].shape[1:3]} but anchors expect {(h, w)}: feed images of "
+                    f"config.image_size={cfg.image_size}, got {images.shape[1:3]}"
+                )
+
+        cell_cls = nn.remat(BiFPNCell, static_argnums=(2,)) if cfg.remat else BiFPNCell
+        for c in range(cfg.fpn_cell_repeats):
+            feats = cell_cls(
+                cfg.min_level, cfg.max_level, cfg.fpn_num_filters, sizes, cfg.fpn_weight_method,
+                cfg.activation, cfg.separable_conv, dtype, cfg.depthwise_impl, name=f"fpn_cell_{c}",
+            )(feats, train)
+
+        head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
+            outputs, cfg.num_anchors, cfg.fpn_num_filters, cfg.box_class_repeats, cfg.min_level,
+            cfg.max_level, cfg.activation, prior, cfg.head_drop_connect_rate,
+            "sample" if cfg.drop_connect_variant in ("none", "weight") else cfg.drop_connect_variant,
+            dtype, cfg.depthwise_impl, name=name,
+        )
+        class_outputs = head(cfg.num_classes, CLASS_PRIOR, "class_net")(feats, train)
+        box_outputs = head(4, None, "box_net")(feats, train)
+        return class_outputs, box_outputs
+
+
+def efficientdet(name: str = "efficientdet-d0", num_classes: int = 90, **overrides) -> EfficientDet:
+    """Build ``efficientdet-d0`` .. ``d7``, ``d7x``, ``efficientdet-lite0`` .. ``lite4``, ``lite3x``.
+
+    ``overrides`` set any ``EfficientDetConfig`` field (``image_size=256``,
+    ``fpn_weight_method="attn"``, ``dtype="bfloat16"``, ``remat=True``, ...).
+    """
+    return EfficientDet(get_efficientdet_config(name, num_classes=num_classes, **overrides))

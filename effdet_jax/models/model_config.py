@@ -1,0 +1,168 @@
+"""The one table of EfficientDet configurations (D0-D7, D7x, lite0-4, lite3x).
+
+Values follow google/automl's ``hparams_config.py`` (and effdet's ``tf_efficientdet_*`` configs, which
+mirror it). ``get_efficientdet_config(name, **overrides)`` is what the model, the configs in
+``configs/`` and the trainer use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
+DROP_CONNECT_VARIANTS = ("none", "sample", "channel", "element", "weight")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# name: backbone, image size, fpn filters, fpn cell repeats, head repeats, extra fields
+_TABLE: dict[str, tuple[str, int, int, int, int, dict[str, Any]]] = {
+    "efficientdet-d0": ("efficientnet-b0", 512, 64, 3, 3, {}),
+    "efficientdet-d1": ("efficientnet-b1", 640, 88, 4, 3, {}),
+    "efficientdet-d2": ("efficientnet-b2", 768, 112, 5, 3, {}),
+    "efficientdet-d3": ("efficientnet-b3", 896, 160, 6, 4, {}),
+    "efficientdet-d4": ("efficientnet-b4", 1024, 224, 7, 4, {}),
+    "efficientdet-d5": ("efficientnet-b5", 1280, 288, 7, 4, {}),
+    # D6+ use an unweighted sum for training stability.
+    "efficientdet-d6": ("efficientnet-b6", 1280, 384, 8, 5, {"fpn_weight_method": "sum"}),
+    "efficientdet-d7": (
+        "efficientnet-b6", 1536, 384, 8, 5, {"fpn_weight_method": "sum", "anchor_scale": 5.0}
+    ),
+    "efficientdet-d7x": (
+        "efficientnet-b7", 1536, 384, 8, 5, {"fpn_weight_method": "sum", "max_level": 8}
+    ),
+}
+_LITE = {"activation": "relu6", "fpn_weight_method": "sum"}
+_TABLE |= {
+    "efficientdet-lite0": ("efficientnet-lite0", 320, 64, 3, 3, {**_LITE, "anchor_scale": 3.0}),
+    "efficientdet-lite1": ("efficientnet-lite1", 384, 88, 4, 3, {**_LITE, "anchor_scale": 3.0}),
+    "efficientdet-lite2": ("efficientnet-lite2", 448, 112, 5, 3, {**_LITE, "anchor_scale": 3.0}),
+    "efficientdet-lite3": ("efficientnet-lite3", 512, 160, 6, 4, dict(_LITE)),
+    "efficientdet-lite3x": ("efficientnet-lite3", 640, 200, 6, 4, {**_LITE, "anchor_scale": 3.0}),
+    "efficientdet-lite4": ("efficientnet-lite4", 640, 224, 7, 4, dict(_LITE)),
+}
+MODEL_NAMES = tuple(_TABLE)
+
+
+@dataclasses.dataclass(frozen=True)
+class EfficientDetConfig:
+    """Everything that defines an EfficientDet. Override any field by name.
+
+    Attributes:
+      name: e.g. ``efficientdet-d3``.
+      backbone_name: an EfficientNet name (``efficientnet-b3``).
+      image_size: ``(height, width)`` of the network input in pixels.
+      num_classes: class logits per anchor (90 for the COCO checkpoints: logit = category id - 1).
+      min_level / max_level: pyramid levels (P3-P7; D7x goes to P8).
+      num_scales / aspect_ratios / anchor_scale: anchors per location = num_scales*len(aspect_ratios);
+        aspect ratios are w/h scalars or (w, h) pairs.
+      fpn_num_filters / fpn_cell_repeats / box_class_repeats: width and depths.
+      fpn_weight_method: BiFPN fusion, one of ``FUSION_METHODS``.
+      activation: ``swish`` or ``relu6`` (lite), used in backbone, BiFPN and heads.
+      separable_conv: BiFPN node conv separable (automl default) or a plain 3x3.
+      backbone_drop_connect_rate: automl sets 0 when ``b0`` is in the backbone name and keeps 0.2
+        otherwise (lite0 included); reproduced (training only).
+      drop_connect_variant: backbone drop-connect variant (see EfficientNet).
+      head_drop_connect_rate: None = automl's default heads (no residual). A number adds automl's head
+        residual for repeats after the first, with that drop-connect rate in training.
+      dtype: computation dtype name; params, BN statistics and outputs stay float32.
+      depthwise_impl: ``auto`` | ``lax`` | ``shift_add``.
+      remat: rematerialise backbone blocks and BiFPN cells in the backward pass.
+    """
+
+    name: str = "efficientdet-d0"
+    backbone_name: str = "efficientnet-b0"
+    image_size: tuple[int, int] = (512, 512)
+    num_classes: int = 90
+    min_level: int = 3
+    max_level: int = 7
+    num_scales: int = 3
+    aspect_ratios: tuple = (1.0, 2.0, 0.5)
+    anchor_scale: float | tuple[float, ...] = 4.0
+    fpn_num_filters: int = 64
+    fpn_cell_repeats: int = 3
+    box_class_repeats: int = 3
+    fpn_weight_method: str = "fastattn"
+    activation: str = "swish"
+    separable_conv: bool = True
+    backbone_drop_connect_rate: float = 0.0
+    drop_connect_variant: str = "sample"
+    head_drop_connect_rate: float | None = None
+    dtype: str = "float32"
+    depthwise_impl: str = "auto"
+    remat: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.image_size, int):
+            object.__setattr__(self, "image_size", (self.image_size, self.image_size))
+        else:
+            object.__setattr__(self, "image_size", tuple(int(s) for s in self.image_size))
+        object.__setattr__(
+            self,
+            "aspect_ratios",
+            tuple(tuple(a) if isinstance(a, (list, tuple)) else float(a) for a in self.aspect_ratios),
+        )
+        checks = [
+            ("fpn_weight_method", self.fpn_weight_method, FUSION_METHODS),
+            ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
+            ("dtype", self.dtype, DTYPES),
+            ("activation", self.activation, ("swish", "silu", "relu6", "relu", "gelu")),
+            ("depthwise_impl", self.depthwise_impl, ("auto", "lax", "shift_add")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ValueError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+        if not 3 <= self.min_level <= 5 or self.max_level < max(self.min_level, 5):
+            raise ValueError(
+                f"levels {self.min_level}..{self.max_level}: min_level must be 3..5 (the backbone "
+                "gives P3-P5) and max_level >= 5"
+            )
+        if self.num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
+        min_size = 2**self.max_level
+        if min(self.image_size) < min_size:
+            raise ValueError(
+                f"image_size {self.image_size} is smaller than the coarsest stride 2**max_level="
+                f"{min_size}; use at least {min_size}"
+            )
+
+    @property
+    def num_levels(self) -> int:
+        return self.max_level - self.min_level + 1
+
+    @property
+    def num_anchors(self) -> int:
+        """Anchors per feature-map location."""
+        return self.num_scales * len(self.aspect_ratios)
+
+    def feature_sizes(self) -> dict[int, tuple[int, int]]:
+        """(height, width) of each level: ``s_l = (s_{l-1} - 1) // 2 + 1`` from the image size."""
+        h, w = self.image_size
+        sizes = {0: (h, w)}
+        for level in range(1, self.max_level + 1):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+            sizes[level] = (h, w)
+        return {lvl: sizes[lvl] for lvl in range(self.min_level, self.max_level + 1)}
+
+
+def get_efficientdet_config(name: str = "efficientdet-d0", **overrides) -> EfficientDetConfig:
+    """Config of a named model with any field overridden; unknown names/fields raise ValueError."""
+    if name not in _TABLE:
+        raise ValueError(f"unknown EfficientDet {name!r}; known: {list(MODEL_NAMES)}")
+    backbone, size, filters, cells, heads, extra = _TABLE[name]
+    fields = dict(
+        name=name,
+        backbone_name=backbone,
+        image_size=size,
+        fpn_num_filters=filters,
+        fpn_cell_repeats=cells,
+        box_class_repeats=heads,
+        # automl quirk: only b0 backbones get survival_prob 0 (drop-connect off).
+        backbone_drop_connect_rate=0.0 if "b0" in backbone else 0.2,
+        **extra,
+    )
+    known = {f.name for f in dataclasses.fields(EfficientDetConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown EfficientDet config field(s) {unknown}; known: {sorted(known)}")
+    fields.update(overrides)
+    return EfficientDetConfig(**fields)

@@ -1,0 +1,97 @@
+"""Config files load, validate, and bad keys/values fail early with the key and allowed values."""
+
+import pathlib
+import sys
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from effdet_jax.train.config_validation import ConfigError, validate_config
+
+CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
+MODEL_CONFIGS = [f"d{i}" for i in range(8)] + ["d7x"] + [f"lite{i}" for i in range(5)]
+
+
+def _parse(*args: str):
+    """Parse flags like main.py does (lock_config=True) into a fresh FlagValues.
+
+    config_flags reads the ``--config.*`` overrides from ``sys.argv``, so it is set too.
+    """
+    argv = ["main.py", *args]
+    flag_values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True)
+    saved, sys.argv = sys.argv, argv
+    try:
+        flag_values(argv)
+    finally:
+        sys.argv = saved
+    return flag_values.config
+
+
+@pytest.mark.parametrize("name", MODEL_CONFIGS + ["shapes", "tiny"])
+def test_config_files_validate(name):
+    config = _parse(f"--config={CONFIG_DIR / name}.py")
+    validate_config(config, num_devices=8)
+    expected = "efficientdet-d0" if name in ("shapes", "tiny") else f"efficientdet-{name}"
+    assert config.model.name == expected
+
+
+@pytest.mark.parametrize(
+    "arg", ["fusion.py:" + m for m in ("sum", "attn", "fastattn", "channel_attn",
+                                       "channel_fastattn")]
+    + ["drop_connect.py:" + v for v in ("none", "sample", "channel", "element", "weight")],
+)
+def test_ablation_configs_validate(arg):
+    config = _parse(f"--config={CONFIG_DIR / 'ablations' / arg}")
+    validate_config(config, num_devices=8)
+    value = arg.split(":")[1]
+    assert value in (config.model.fpn_weight_method, config.model.drop_connect_variant)
+
+
+def test_command_line_overrides_are_typed():
+    config = _parse(
+        f"--config={CONFIG_DIR / 'd3.py'}",
+        "--config.train.batch_size=128",
+        "--config.model.image_size=256",
+        "--config.loss.iou_loss_type=ciou",
+    )
+    assert config.train.batch_size == 128 and config.model.image_size == 256
+    assert config.loss.iou_loss_type == "ciou"
+
+
+def test_unknown_key_fails_naming_it():
+    with pytest.raises(Exception, match="batch_sise"):
+        _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.train.batch_sise=3")
+
+
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("train.optimizer", "lamb", "sgd"),
+        ("train.lr_schedule", "linear", "cosine"),
+        ("train.nonfinite_policy", "ignore", "skip"),
+        ("model.dtype", "float8", "bfloat16"),
+        ("model.fpn_weight_method", "max", "fastattn"),
+        ("model.drop_connect_variant", "block", "channel"),
+        ("loss.iou_loss_type", "l1", "ciou"),
+        ("eval.postprocess.method", "nms", "soft_gaussian"),
+        ("train.ema_decay", 1.5, "< 1"),
+        ("train.grad_accum_steps", 3, "divisor"),
+        ("train.batch_size", 12, "multiple of mesh data size 8"),
+        ("mesh.model", 3, "divide"),
+        ("model.name", "efficientdet-d9", "d7x"),
+    ],
+)
+def test_bad_values_fail_naming_key_and_allowed(key, value, allowed):
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}")
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, num_devices=8)
+    message = str(info.value)
+    assert allowed in message, message
+    assert key.split(".")[0] in message, message
