@@ -67,6 +67,7 @@ def fill_variables(
     if unmapped:
         problems.append(f"{len(unmapped)} checkpoint name(s) not used: {unmapped}")
     if problems:
+        problems = [_truncate(p) for p in problems]
         raise CheckpointMismatchError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
     return traverse_util.unflatten_dict(out)
 
@@ -95,3 +96,7 @@ def torch_bn_assignments(prefix: tuple[str, ...], source: Mapping, torch_name: s
             "var": f"{torch_name}.running_var",
         },
     )
+
+
+def _truncate(message: str, limit: int = 2000) -> str:
+    return message if len(message) <= limit else message[:limit] + f" ... ({len(message)} chars)"

@@ -75,7 +75,8 @@ def test_layout_counts_and_order():
 
 def test_config_is_hashable_and_validated():
     a = AnchorConfig(aspect_ratios=[[1.0, 1.0], [1.4, 0.7]], image_size=[320, 320])
-    assert hash(a) == hash(AnchorConfig(aspect_ratios=((1.0, 1.0), (1.4, 0.7)), image_size=(320, 320)))
+    b = AnchorConfig(aspect_ratios=((1.0, 1.0), (1.4, 0.7)), image_size=(320, 320))
+    assert a == b and hash(a) == hash(b)
     with pytest.raises(ValueError):
         AnchorConfig(anchor_scale=(4.0, 4.0))
 

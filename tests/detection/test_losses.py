@@ -1,4 +1,4 @@
-"""Losses: automl's numbers (losses.json), effdet's DetectionLoss, numerical properties, sharding."""
+"""Losses: automl's numbers (losses.json), effdet's DetectionLoss, properties, sharding."""
 
 import json
 
@@ -83,7 +83,7 @@ def test_iou_losses_match_automl_batch_major(automl_case, iou_type):
 @pytest.mark.fullsize
 def test_automl_quirk2_is_the_level_major_misalignment(automl_case):
     """automl's own value comes from level-major rows decoded against batch-major tiled anchors;
-    rebuilding that misalignment with our per-row loss reproduces it (so ours differs only by it)."""
+    rebuilding that misalignment with our per-row loss reproduces it (ours differs only by it)."""
     _, box, targets, anchors, expected = automl_case
     batch = box[0].shape[0]
     level_rows = np.cumsum([0] + list(num_anchors_per_level(D0_ANCHORS).values()))
@@ -91,13 +91,14 @@ def test_automl_quirk2_is_the_level_major_misalignment(automl_case):
     # automl: concat_L reshape(x_L, [-1, 4]) -> rows (level, batch, y, x, a)
     out_rows = np.concatenate([x.reshape(-1, 4) for x in box])
     tgt_rows = np.concatenate(
-        [box_targets[:, s:e].reshape(-1, 4) for s, e in zip(level_rows[:-1], level_rows[1:])]
+        [box_targets[:, s:e].reshape(-1, 4) for s, e in zip(level_rows[:-1], level_rows[1:], strict=True)]
     )
     tiled = np.tile(anchors, (batch, 1))  # rows (batch, level, y, x, a)
     normalizer = float(np.sum(targets["num_positives"]) + 1)
     for iou_type in ("ciou", "giou"):
         value = jnp.sum(box_iou_loss(out_rows, tgt_rows, tiled, iou_type)) / (4 * normalizer)
-        np.testing.assert_allclose(value, expected[f"loss_iou_{iou_type}"]["box_iou_loss"], rtol=RTOL)
+        want = expected[f"loss_iou_{iou_type}"]["box_iou_loss"]
+        np.testing.assert_allclose(value, want, rtol=RTOL)
 
 
 def test_l2_matches_automl(automl_reference):
@@ -183,8 +184,10 @@ def test_normaliser_is_global_under_sharding():
     fn = jax.jit(lambda c, b, t: detection_loss(c, b, t, anchors, config)[0])
     np.testing.assert_allclose(fn(*args), fn(cls, box, dict(targets)), rtol=1e-6)
     # and it is not the mean of per-shard losses (each shard would use its own normaliser)
-    per_image = [fn(cls[i : i + 1], box[i : i + 1], jax.tree.map(lambda x: x[i : i + 1], targets))
-                 for i in range(8)]
+    per_image = [
+        fn(cls[i : i + 1], box[i : i + 1], {k: v[i : i + 1] for k, v in targets.items()})
+        for i in range(8)
+    ]
     assert abs(float(np.mean(per_image)) - float(fn(cls, box, dict(targets)))) > 1e-4
 
 
@@ -236,7 +239,7 @@ def test_focal_finite_at_extreme_logits(gamma, smoothing):
     x = jnp.array([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4], jnp.float32)
     for y in (0.0, 1.0):
         target = jnp.full_like(x, y)
-        fn = lambda z: jnp.sum(focal_loss(z, target, 0.25, gamma, smoothing))
+        fn = lambda z, t=target: jnp.sum(focal_loss(z, t, 0.25, gamma, smoothing))
         value, grad = jax.value_and_grad(fn)(x)
         assert np.isfinite(value) and np.all(np.isfinite(grad)), (y, value, grad)
         assert np.all(np.asarray(focal_loss(x, target, 0.25, gamma, smoothing)) >= 0)

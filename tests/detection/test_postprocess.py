@@ -12,16 +12,11 @@ from hypothesis import strategies as st
 from effdet_jax.detection.anchors import AnchorConfig, generate_anchors
 from effdet_jax.detection.postprocess import PostprocessConfig, nms, postprocess
 
+from .helpers import numpy_iou
+
 D0_ANCHORS = AnchorConfig(aspect_ratios=(1.0, 2.0, 0.5), image_size=512)
 
 
-def _iou(a, b):
-    ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ih * iw
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    union = area(a)[:, None] + area(b)[None] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1), 0.0)
 
 
 def assert_same_detections(ours, boxes, scores, classes, valid, score_tol=1e-4):
@@ -33,7 +28,7 @@ def assert_same_detections(ours, boxes, scores, classes, valid, score_tol=1e-4):
         n = int(valid[i])
         ob, os_, oc = ours["boxes"][i, :n], ours["scores"][i, :n], ours["classes"][i, :n]
         rb, rs, rc = boxes[i, :n], scores[i, :n], classes[i, :n]
-        iou = _iou(rb, ob)
+        iou = numpy_iou(rb, ob)
         iou[np.all(np.abs(rb[:, None] - ob[None]) < 1e-3, axis=-1)] = 1.0
         iou[rc[:, None] != oc[None]] = 0.0
         pair = np.argmax(iou, axis=1)
@@ -86,7 +81,8 @@ def test_scaled_boxes_match_automl(d0):
     cls, box, ref = d0
     ours = _run(cls, box, generate_anchors(D0_ANCHORS), 512, ref["image_scales_used"],
                 PostprocessConfig())
-    np.testing.assert_allclose(ours["boxes"], ref["global_gaussian_scaled_boxes"], rtol=0, atol=1e-3)
+    want = ref["global_gaussian_scaled_boxes"]
+    np.testing.assert_allclose(ours["boxes"], want, rtol=0, atol=1e-3)
 
 
 @pytest.mark.fullsize
@@ -156,7 +152,7 @@ def test_hard_nms_never_keeps_overlapping_pairs(rows, per_class, threshold):
     idx, kept_scores, valid = jax.device_get(_nms_jit(boxes, scores, classes, config))
     kept = idx[valid]
     assert len(kept) >= 1 and len(set(kept.tolist())) == len(kept)
-    iou = _iou(boxes[kept], boxes[kept])
+    iou = numpy_iou(boxes[kept], boxes[kept])
     np.fill_diagonal(iou, 0.0)
     if per_class:
         iou[classes[kept][:, None] != classes[kept][None]] = 0.0
@@ -164,7 +160,7 @@ def test_hard_nms_never_keeps_overlapping_pairs(rows, per_class, threshold):
     # every box that was dropped overlaps a kept, higher-scored box (of its class)
     dropped = np.setdiff1d(np.arange(len(rows)), kept)
     if len(dropped):
-        cross = _iou(boxes[dropped], boxes[kept])
+        cross = numpy_iou(boxes[dropped], boxes[kept])
         if per_class:
             cross[classes[dropped][:, None] != classes[kept][None]] = 0.0
         assert np.all(cross.max(axis=1) > threshold - 1e-6)

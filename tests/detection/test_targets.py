@@ -15,6 +15,8 @@ from effdet_jax.detection.targets import (
     split_levels,
 )
 
+from .helpers import numpy_iou
+
 D0_ANCHORS = AnchorConfig(aspect_ratios=(1.0, 2.0, 0.5), image_size=512)
 SMALL = AnchorConfig(image_size=128)
 
@@ -86,16 +88,10 @@ def test_force_match_tiny_box(assign_jit):
     out = jax.device_get(assign_jit(boxes, np.array([[0]]), anchors, 5))
     assert out["num_positives"][0] == 1  # IoU far below 0.5: only the force-match
     (row,) = np.nonzero(out["cls_targets"][0] == 0)[0]
-    ious = _iou(boxes[0], anchors)[0]
+    ious = numpy_iou(boxes[0], anchors)[0]
     assert row == np.argmax(ious)
 
 
-def _iou(a, b):
-    ih = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
-    iw = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
-    inter = ih * iw
-    area = lambda x: (x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])
-    return inter / (area(a)[:, None] + area(b)[None] - inter)
 
 
 def test_crowd_and_between_thresholds_are_ignored(assign_jit):
@@ -105,7 +101,7 @@ def test_crowd_and_between_thresholds_are_ignored(assign_jit):
     out = jax.device_get(
         assign_jit(boxes, classes, anchors, 5, matched_threshold=0.5, unmatched_threshold=0.4)
     )
-    iou = _iou(boxes[0], anchors)
+    iou = numpy_iou(boxes[0], anchors)
     cls = out["cls_targets"][0]
     real, crowd = iou[0], iou[1]
     # positives only from the real box; num_positives counts them and nothing else

@@ -34,7 +34,8 @@ CONFIG_B = dict(image_hw=(320, 200), anchor_scale=(3.0, 3.5, 4.0, 4.5, 5.0), asp
 
 def make_anchors(cfg: dict) -> Anchors:
     aspect = [tuple(a) if isinstance(a, tuple) else a for a in cfg["aspect"]]
-    scale = list(cfg["anchor_scale"]) if isinstance(cfg["anchor_scale"], tuple) else cfg["anchor_scale"]
+    scale = cfg["anchor_scale"]
+    scale = list(scale) if isinstance(scale, tuple) else scale
     return Anchors(LEVELS[0], LEVELS[1], 3, aspect, scale, cfg["image_hw"])
 
 
