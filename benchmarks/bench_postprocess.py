@@ -133,7 +133,7 @@ def main() -> None:
 
     results = jax_side(args)
     if not args.no_torch:
-        cmd = [args.torch_python, __file__, "--torch-side", "--reference", args.reference,
+        cmd = [str(args.torch_python), __file__, "--torch-side", "--reference", str(args.reference),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                "--threads", str(args.threads), "--batches", *map(str, args.batches)]
         done = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -11,7 +11,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from effdet_jax.data.config import default_data_config
-from effdet_jax.detection import losses, postprocess
+from effdet_jax.detection.losses import LossConfig
+from effdet_jax.detection.postprocess import PostprocessConfig
 
 _PLACEHOLDER_TYPES = {"float": float, "int": int, "str": str, "bool": bool}
 
@@ -75,7 +76,7 @@ def get_config() -> ml_collections.ConfigDict:
     # ---- losses: the fields of effdet_jax.detection.losses.LossConfig, with its defaults
     # (automl's focal alpha 0.25 / gamma 1.5, Huber delta 0.1, box weight 50, weight decay 4e-5
     # as an L2 term on kernels) ----
-    config.loss = _dataclass_config(losses.LossConfig())
+    config.loss = _dataclass_config(LossConfig())
 
     # ---- evaluation ----
     config.eval = ml_collections.ConfigDict()
@@ -84,7 +85,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.num_images = config_dict.placeholder(int)  # None: the whole split
     config.eval.use_ema = True
     # Fields of effdet_jax.detection.postprocess.PostprocessConfig (automl's global soft-NMS).
-    config.eval.postprocess = _dataclass_config(postprocess.PostprocessConfig())
+    config.eval.postprocess = _dataclass_config(PostprocessConfig())
     config.eval.num_summary_images = 3  # images with predicted boxes in TensorBoard
 
     # ---- devices ----

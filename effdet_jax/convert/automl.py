@@ -17,10 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from effdet_jax.convert.common import CheckpointMismatchError, fill_variables
+from effdet_jax.convert.common import fill_variables
 from effdet_jax.models.bifpn import bifpn_nodes
 from effdet_jax.models.efficientdet import EfficientDet, efficientdet
-from effdet_jax.models.efficientnet_config import get_efficientnet_config
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 TF2_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -61,7 +60,7 @@ def automl_name_table(model: EfficientDet) -> dict[tuple[str, ...], tuple[str, s
     add(("params", "backbone", "stem_conv", "kernel"), f"{bb}/stem/conv2d/kernel",
         "backbone/_stem/_conv_stem/kernel")
     bn(("backbone", "stem_bn"), f"{bb}/stem/tpu_batch_normalization", "backbone/_stem/_bn")
-    backbone_cfg = get_efficientnet_config(bb)
+    backbone_cfg = cfg.backbone_config()
     for i, blk in enumerate(backbone_cfg.expanded_blocks()):
         t1, t2, ours = f"{bb}/blocks_{i}", f"backbone/_blocks/{i}", ("backbone", f"block_{i}")
         if blk["expand_ratio"] != 1:

@@ -18,7 +18,6 @@ from flax import linen as nn
 
 from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature
 from effdet_jax.models.efficientnet import EfficientNet
-from effdet_jax.models.efficientnet_config import get_efficientnet_config
 from effdet_jax.models.heads import CLASS_PRIOR, PredictionHead
 from effdet_jax.models.model_config import EfficientDetConfig, get_efficientdet_config
 
@@ -32,14 +31,8 @@ class EfficientDet(nn.Module):
     def __call__(self, images: jax.Array, train: bool = False):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        backbone_cfg = get_efficientnet_config(
-            cfg.backbone_name,
-            drop_connect_rate=cfg.backbone_drop_connect_rate,
-            drop_connect_variant=cfg.drop_connect_variant,
-            activation=cfg.activation,
-        )
         endpoints = EfficientNet(
-            backbone_cfg, features_only=True, dtype=dtype, depthwise_impl=cfg.depthwise_impl,
+            cfg.backbone_config(), features_only=True, dtype=dtype, depthwise_impl=cfg.depthwise_impl,
             remat=cfg.remat, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()

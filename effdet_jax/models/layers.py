@@ -279,7 +279,7 @@ def resize_nearest_legacy(x: jax.Array, height: int, width: int) -> jax.Array:
     return jnp.take(jnp.take(x, rows, axis=1), cols, axis=2)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _legacy_nearest_index(size_in: int, size_out: int):
     import numpy as np
 

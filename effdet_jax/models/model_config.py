@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from effdet_jax.models.efficientnet_config import EfficientNetConfig, get_efficientnet_config
+
 FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
 DROP_CONNECT_VARIANTS = ("none", "sample", "channel", "element", "weight")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -59,6 +61,8 @@ class EfficientDetConfig:
       fpn_weight_method: BiFPN fusion, one of ``FUSION_METHODS``.
       activation: ``swish`` or ``relu6`` (lite), used in backbone, BiFPN and heads.
       separable_conv: BiFPN node conv separable (automl default) or a plain 3x3.
+      backbone_overrides: extra ``EfficientNetConfig`` fields for the backbone as (name, value) pairs,
+        e.g. ``(("depth_coefficient", 0.25),)`` for a tiny test backbone.
       backbone_drop_connect_rate: automl sets 0 when ``b0`` is in the backbone name and keeps 0.2
         otherwise (lite0 included); reproduced (training only).
       drop_connect_variant: backbone drop-connect variant (see EfficientNet).
@@ -84,6 +88,7 @@ class EfficientDetConfig:
     fpn_weight_method: str = "fastattn"
     activation: str = "swish"
     separable_conv: bool = True
+    backbone_overrides: tuple[tuple[str, Any], ...] = ()
     backbone_drop_connect_rate: float = 0.0
     drop_connect_variant: str = "sample"
     head_drop_connect_rate: float | None = None
@@ -92,6 +97,8 @@ class EfficientDetConfig:
     remat: bool = False
 
     def __post_init__(self):
+        if isinstance(self.backbone_overrides, dict):
+            object.__setattr__(self, "backbone_overrides", tuple(self.backbone_overrides.items()))
         if isinstance(self.image_size, int):
             object.__setattr__(self, "image_size", (self.image_size, self.image_size))
         else:
@@ -118,12 +125,18 @@ class EfficientDetConfig:
             )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
-        min_size = 2**self.max_level
-        if min(self.image_size) < min_size:
-            raise ValueError(
-                f"image_size {self.image_size} is smaller than the coarsest stride 2**max_level="
-                f"{min_size}; use at least {min_size}"
-            )
+        if min(self.image_size) < 32:
+            raise ValueError(f"image_size {self.image_size} is too small; use at least 32 pixels")
+
+    def backbone_config(self) -> EfficientNetConfig:
+        """The EfficientNet feature extractor this detector uses."""
+        return get_efficientnet_config(
+            self.backbone_name,
+            drop_connect_rate=self.backbone_drop_connect_rate,
+            drop_connect_variant=self.drop_connect_variant,
+            activation=self.activation,
+            **dict(self.backbone_overrides),
+        )
 
     @property
     def num_levels(self) -> int:

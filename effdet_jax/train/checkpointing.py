@@ -68,10 +68,15 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
     step = manager.latest_step()
     if step is None:
         return None
+    return restore(manager, abstract_state, step), step
+
+
+def restore(manager: ocp.CheckpointManager, abstract_state: Any, step: int) -> Any:
+    """The state saved at ``step``, placed per ``abstract_state``'s shardings."""
     restored = manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
     )
-    return restored["state"], step
+    return restored["state"]
 
 
 def abstract_with_shardings(abstract_state: Any, shardings: Any) -> Any:

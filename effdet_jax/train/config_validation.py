@@ -10,7 +10,8 @@ from typing import Any
 
 import ml_collections
 
-from effdet_jax.detection import losses, postprocess
+from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
+from effdet_jax.detection.postprocess import NMS_METHODS, PostprocessConfig
 from effdet_jax.models import model_config
 from effdet_jax.train.model_factory import model_overrides
 
@@ -72,8 +73,8 @@ def validate_config(
     _one_of(config, "train.lr_schedule", LR_SCHEDULES)
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _one_of(config, "model.dtype", model_config.DTYPES)
-    _one_of(config, "eval.postprocess.method", postprocess.NMS_METHODS)
-    _one_of(config, "loss.iou_loss_type", (None, *losses.IOU_LOSS_TYPES))
+    _one_of(config, "eval.postprocess.method", NMS_METHODS)
+    _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
                 "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
                 "checkpoint.every_steps", "eval.every_steps", "model.num_classes"):
@@ -98,7 +99,7 @@ def validate_config(
     _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "-1 (all remaining devices) or an integer >= 1")
 
-    sections = (("loss", losses.LossConfig), ("eval.postprocess", postprocess.PostprocessConfig))
+    sections = (("loss", LossConfig), ("eval.postprocess", PostprocessConfig))
     for key, cls in sections:
         try:
             cls(**_get(config, key).to_dict())

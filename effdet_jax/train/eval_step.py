@@ -9,7 +9,7 @@ from collections.abc import Callable
 import jax
 import ml_collections
 
-from effdet_jax.detection import postprocess
+from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.train import objective
 
 
@@ -24,11 +24,11 @@ def make_detect_fn(
     (-1 on padding rows) and ``valid`` [B] int32, D = ``max_detections``.
     """
     anchor_boxes = objective.anchors_for(model_config)
-    config = postprocess.PostprocessConfig(**postprocess_cfg.to_dict())
+    config = PostprocessConfig(**postprocess_cfg.to_dict())
 
     def detect(variables, images):
         cls_out, box_out = model.apply(variables, images, train=False)
-        return postprocess.postprocess(
+        return postprocess(
             cls_out, box_out, anchor_boxes, model_config.image_size, None, config
         )
 

@@ -90,9 +90,8 @@ def test_automl_quirk2_is_the_level_major_misalignment(automl_case):
     box_targets = np.asarray(targets["box_targets"])
     # automl: concat_L reshape(x_L, [-1, 4]) -> rows (level, batch, y, x, a)
     out_rows = np.concatenate([x.reshape(-1, 4) for x in box])
-    tgt_rows = np.concatenate(
-        [box_targets[:, s:e].reshape(-1, 4) for s, e in zip(level_rows[:-1], level_rows[1:], strict=True)]
-    )
+    bounds = zip(level_rows[:-1], level_rows[1:], strict=True)
+    tgt_rows = np.concatenate([box_targets[:, s:e].reshape(-1, 4) for s, e in bounds])
     tiled = np.tile(anchors, (batch, 1))  # rows (batch, level, y, x, a)
     normalizer = float(np.sum(targets["num_positives"]) + 1)
     for iou_type in ("ciou", "giou"):

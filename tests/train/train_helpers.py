@@ -42,3 +42,42 @@ def max_abs_diff(a, b) -> float:
         jax.device_get(b),
     )
     return max(jax.tree.leaves(diffs), default=0.0)
+
+
+def subprocess_env(num_devices: int, cache_dir: str, **extra: str) -> dict:
+    """Environment for a ``main.py`` child: its own simulated device count, a shared persistent
+    compilation cache (so restarts do not recompile), and the repository root importable."""
+    import os
+
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+def main_command(workdir, *overrides: str, config: str = "configs/tiny.py") -> list[str]:
+    import sys
+
+    return [sys.executable, str(ROOT / "main.py"), f"--config={ROOT / config}",
+            f"--workdir={workdir}", "--mode=train", *overrides]
+
+
+def restore_state(config, workdir, step: int, devices=None):
+    """The train state saved at ``step`` in ``workdir``, restored onto ``devices`` (host numpy)."""
+    from effdet_jax.train import checkpointing, experiment
+    from effdet_jax.train import mesh as mesh_lib
+
+    devices = jax.devices()[:1] if devices is None else devices
+    config = config.copy_and_resolve_references()
+    config.mesh.data, config.mesh.model = len(devices), 1
+    exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, devices))
+    options = checkpointing.CheckpointOptions(every_steps=1, keep=100, keep_best=0)
+    manager = checkpointing.make_manager(f"{workdir}/checkpoints", options)
+    target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
+    state = checkpointing.restore(manager, target, step)
+    manager.close()
+    return jax.device_get(state)
