@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from effdet_jax.detection.anchors import AnchorConfig, num_anchors_per_location
 from effdet_jax.models.efficientnet_config import EfficientNetConfig, get_efficientnet_config
 
 FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
@@ -142,19 +143,25 @@ class EfficientDetConfig:
     def num_levels(self) -> int:
         return self.max_level - self.min_level + 1
 
+    def anchor_config(self) -> AnchorConfig:
+        """The anchor layout this model predicts for (one place for feature sizes and counts)."""
+        return AnchorConfig(
+            min_level=self.min_level,
+            max_level=self.max_level,
+            num_scales=self.num_scales,
+            aspect_ratios=self.aspect_ratios,
+            anchor_scale=self.anchor_scale,
+            image_size=self.image_size,
+        )
+
     @property
     def num_anchors(self) -> int:
         """Anchors per feature-map location."""
-        return self.num_scales * len(self.aspect_ratios)
+        return num_anchors_per_location(self.anchor_config())
 
     def feature_sizes(self) -> dict[int, tuple[int, int]]:
-        """(height, width) of each level: ``s_l = (s_{l-1} - 1) // 2 + 1`` from the image size."""
-        h, w = self.image_size
-        sizes = {0: (h, w)}
-        for level in range(1, self.max_level + 1):
-            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
-            sizes[level] = (h, w)
-        return {lvl: sizes[lvl] for lvl in range(self.min_level, self.max_level + 1)}
+        """(height, width) of each level min..max."""
+        return self.anchor_config().feature_sizes()
 
 
 def get_efficientdet_config(name: str = "efficientdet-d0", **overrides) -> EfficientDetConfig:

@@ -52,7 +52,7 @@ def test_feature_extractor_parameter_count_and_endpoints():
 
 
 def _init(model, size):
-    return model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)
+    return jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
 
 
 def test_se_reduces_from_block_input_filters():
@@ -142,8 +142,9 @@ def test_training_step_with_each_drop_connect_variant(variant):
         dropout_rate=0.0,
     )
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
-    v = model.init(jax.random.key(1), x, train=False)
+    v = jax.jit(model.init)(jax.random.key(1), x)
 
+    @jax.jit
     def loss(params, key):
         out, upd = model.apply(
             {"params": params, "batch_stats": v["batch_stats"]}, x, train=True,
@@ -151,15 +152,15 @@ def test_training_step_with_each_drop_connect_variant(variant):
         )
         return jnp.sum(out**2), upd
 
-    (l1, upd), g = jax.value_and_grad(loss, has_aux=True)(v["params"], jax.random.key(2))
+    (l1, upd), g = jax.jit(jax.value_and_grad(loss, has_aux=True))(v["params"], jax.random.key(2))
     l2, _ = loss(v["params"], jax.random.key(3))
     assert np.isfinite(l1) and all(np.isfinite(x).all() for x in jax.tree.leaves(g))
     assert set(upd) == {"batch_stats"}
     # With classifier dropout off, the rng only matters through drop-connect.
     assert (l1 == l2) == (variant == "none")
     # eval mode is deterministic and uses no rng
-    e1 = model.apply(v, x)
-    e2 = model.apply(v, x)
+    e1 = jax.jit(model.apply)(v, x)
+    e2 = jax.jit(model.apply)(v, x)
     np.testing.assert_array_equal(np.asarray(e1), np.asarray(e2))
 
 
@@ -186,13 +187,18 @@ def test_mixed_precision_keeps_float32_params_and_stats(dtype):
     x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
     ref_model = efficientnet("efficientnet-b0", num_classes=10)
     model = efficientnet("efficientnet-b0", num_classes=10, dtype=dtype)
-    v = model.init(jax.random.key(1), x)
+    v = jax.jit(model.init)(jax.random.key(1), x)
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(v))
-    out, upd = model.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+    out, upd = jax.jit(
+        lambda v, x: model.apply(
+            v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)}
+        )
+    )(v, x)
     assert out.dtype == jnp.float32
     assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(upd))
-    low, full = model.apply(v, x), ref_model.apply(v, x)
-    np.testing.assert_allclose(np.asarray(low), np.asarray(full), atol=0.1 * float(jnp.abs(full).max()) + 0.05)
+    low, full = jax.jit(model.apply)(v, x), jax.jit(ref_model.apply)(v, x)
+    tol = 0.1 * float(jnp.abs(full).max()) + 0.05
+    np.testing.assert_allclose(np.asarray(low), np.asarray(full), atol=tol)
 
 
 def test_bad_override_is_named():

@@ -1,0 +1,194 @@
+"""Shared benchmark plumbing: timing, memory, machine facts, one subprocess per case.
+
+Every measured case runs in a fresh subprocess (``run_case``) that prints one JSON line; the driver
+collects them. Inside a case, ``timed`` calls the function ``warmup`` times (compilation and caches)
+then ``repeats`` times, and reports median / min / max milliseconds. ``PeakRss`` samples the
+resident set size while the timed calls run (the steady-state peak); ``max_rss_mb`` is the whole
+process peak (for JAX it includes compilation).
+
+Thread counts are pinned before any numeric library is imported (``pin_threads``), so both sides
+use the same number of cores.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+TORCH_PYTHON = pathlib.Path.home() / ".cache/effdet_jax/torch-venv/bin/python"
+JAX_PYTHON = ROOT / ".venv/bin/python"
+RESULT_PREFIX = "RESULT "
+
+
+def pin_threads(threads: int) -> None:
+    """Limit XLA / OpenMP / MKL to ``threads`` cores; call before importing jax/torch (torch
+    also needs ``torch.set_num_threads``)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ[var] = str(threads)
+    # XLA:CPU sizes its thread pool from the CPUs this process may use; restrict the affinity
+    # mask so it sees exactly ``threads`` of them (no-op when the machine has that many).
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) > threads:
+        os.sched_setaffinity(0, cpus[:threads])
+
+
+def timed(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
+    """Median / min / max wall milliseconds of ``fn()`` (``fn`` must block until done)."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return {
+        "median_ms": statistics.median(times),
+        "min_ms": min(times),
+        "max_ms": max(times),
+        "runs": len(times),
+    }
+
+
+def rss_mb() -> float:
+    """Current resident set size of this process in MiB (Linux /proc)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[1])
+    return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def max_rss_mb() -> float:
+    """Peak resident set size of this process so far, MiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class PeakRss:
+    """Context manager sampling RSS every 5 ms; ``.peak_mb`` is the largest value seen."""
+
+    def __init__(self, interval_s: float = 0.005):
+        self.interval_s = interval_s
+        self.peak_mb = 0.0
+        self._stop = threading.Event()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.peak_mb = max(self.peak_mb, rss_mb())
+            time.sleep(self.interval_s)
+
+    def __enter__(self) -> PeakRss:
+        self.peak_mb = rss_mb()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_mb = max(self.peak_mb, rss_mb())
+
+
+def emit(result: dict) -> None:
+    """Print a case's result as the one line the driver parses."""
+    print(RESULT_PREFIX + json.dumps(result), flush=True)
+
+
+def load_average() -> tuple[float, float, float]:
+    return os.getloadavg()
+
+
+def wait_for_low_load(max_load: float, timeout_s: float, poll_s: float = 10.0) -> float:
+    """Wait (up to ``timeout_s``) until the 1-minute load average is below ``max_load``.
+
+    Returns the load seen when measuring starts. Other people's jobs share the two cores; a busy
+    core slows either side 10-30x, so measuring on a loaded machine compares nothing.
+    """
+    deadline = time.time() + timeout_s
+    load = os.getloadavg()[0]
+    while load >= max_load and time.time() < deadline:
+        print(f"# load {load:.2f} >= {max_load}: waiting", file=sys.stderr, flush=True)
+        time.sleep(poll_s)
+        load = os.getloadavg()[0]
+    return load
+
+
+def run_case(python: pathlib.Path | str, script: pathlib.Path | str, case: dict,
+             threads: int, env: dict | None = None, timeout_s: float = 1800) -> dict:
+    """Run ``script --case JSON`` in a fresh process and return its RESULT dict.
+
+    The result gets ``load_before`` / ``load_after`` (1-minute load average) so a disturbed
+    measurement can be spotted. Failures come back as ``{"error": ...}``.
+    """
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    full_env["BENCH_THREADS"] = str(threads)
+    load_before = os.getloadavg()[0]
+    cmd = [str(python), str(script), "--case", json.dumps(case)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=full_env, timeout=timeout_s,
+                              cwd=ROOT)
+    except subprocess.TimeoutExpired:
+        return {**case, "error": f"timeout after {timeout_s}s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr or proc.stdout)[-2000:]
+        return {**case, "error": f"exit {proc.returncode}: {tail}"}
+    result = json.loads(lines[-1][len(RESULT_PREFIX):])
+    result["load_before"] = round(load_before, 2)
+    result["load_after"] = round(os.getloadavg()[0], 2)
+    return result
+
+
+def machine_info() -> dict:
+    """CPU model, cores, kernel, date and library versions (both venvs)."""
+    cpu = platform.processor()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        flags = pathlib.Path("/proc/cpuinfo").read_text()
+        isa = [f for f in ("avx2", "fma", "avx512f") if f" {f}" in flags]
+    except OSError:
+        isa = []
+    info = {
+        "date": datetime.datetime.now().isoformat(timespec="minutes"),
+        "cpu": cpu,
+        "isa": isa,
+        "cores": os.cpu_count(),
+        "kernel": platform.release(),
+    }
+    jax_versions = _versions(JAX_PYTHON, ("jax", "jaxlib", "flax", "optax"))
+    torch_versions = _versions(TORCH_PYTHON, ("torch", "timm", "effdet"))
+    info["jax_side"] = jax_versions
+    info["torch_side"] = torch_versions
+    return info
+
+
+def _versions(python: pathlib.Path, packages: Sequence[str]) -> dict[str, str]:
+    code = (
+        "import importlib.metadata as m, json, sys, platform;"
+        f"print(json.dumps({{p: m.version(p) for p in {list(packages)!r}}} | "
+        "{'python': platform.python_version()}))"
+    )
+    try:
+        out = subprocess.run([str(python), "-c", code], capture_output=True, text=True, timeout=120)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except Exception as e:  # noqa: BLE001 - versions are informative only
+        return {"error": str(e)}
+
+
+def fmt_ms(r: dict) -> str:
+    """``median (min-max)`` milliseconds, or the error."""
+    if "error" in r:
+        return "error"
+    return f"{r['median_ms']:.0f} ({r['min_ms']:.0f}-{r['max_ms']:.0f})"
