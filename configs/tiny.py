@@ -30,6 +30,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.total_steps = 6
     config.train.num_examples_per_epoch = 64
     config.train.lr_warmup_epochs = 0.25
+    # Constant after warm-up: the run length then does not enter the compiled step, so runs of
+    # different lengths (tests, restarts) share one cached executable.
+    config.train.lr_schedule = "constant"
     config.eval.batch_size = 8
     config.eval.every_steps = 1000
     config.eval.num_summary_images = 1

@@ -23,12 +23,12 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, cache_dir, total_steps: int) -> None:
+def _launch(workdir, total_steps: int) -> None:
     port = _free_port()
     procs = []
     for pid in range(NUM_PROCESSES):
         env = subprocess_env(
-            4, cache_dir,
+            4,
             JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
             JAX_NUM_PROCESSES=str(NUM_PROCESSES),
             JAX_PROCESS_ID=str(pid),
@@ -65,9 +65,8 @@ def _reference_run(config, steps: int):
 
 @pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
-    cache = str(tmp_path / "jax_cache")
-    _launch(tmp_path / "run", cache, total_steps=2)  # saves step 2
-    _launch(tmp_path / "run", cache, total_steps=3)  # restores step 2, trains step 3
+    _launch(tmp_path / "run", total_steps=2)  # saves step 2
+    _launch(tmp_path / "run", total_steps=3)  # restores step 2, trains step 3
     config = tiny_config()
     multi = restore_state(config, tmp_path / "run", 3)  # written by 2 processes, read by 1
     single = _reference_run(config, 3)

@@ -22,7 +22,7 @@ def _committed_steps(workdir) -> list[int]:
 
 @pytest.mark.slow
 def test_kill_dash_nine_then_resume_matches_uninterrupted(tmp_path):
-    env = subprocess_env(2, str(tmp_path / "jax_cache"))
+    env = subprocess_env(2)
     full, killed = tmp_path / "full", tmp_path / "killed"
     subprocess.run(main_command(full, *OVERRIDES), env=env, check=True, capture_output=True)
 
@@ -50,3 +50,23 @@ def test_kill_dash_nine_then_resume_matches_uninterrupted(tmp_path):
     assert max_abs_diff(a.batch_stats, b.batch_stats) < 1e-6
     assert max_abs_diff(a.ema_params, b.ema_params) < 1e-6
     assert max_abs_diff(a.opt_state, b.opt_state) < 1e-6
+
+
+@pytest.mark.slow
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    env = subprocess_env(2)
+    workdir = tmp_path / "run"
+    overrides = ("--config.train.total_steps=400", f"--config.checkpoint.every_steps={EVERY}")
+    proc = subprocess.Popen(main_command(workdir, *overrides), env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not _committed_steps(workdir):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    stopped = [line for line in err.splitlines() if "stopped by SIGTERM after step" in line]
+    assert stopped, err[-2000:]
+    step = int(stopped[0].rsplit(" ", 1)[1])
+    assert step < 400 and step in _committed_steps(workdir)

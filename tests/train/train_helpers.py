@@ -44,16 +44,15 @@ def max_abs_diff(a, b) -> float:
     return max(jax.tree.leaves(diffs), default=0.0)
 
 
-def subprocess_env(num_devices: int, cache_dir: str, **extra: str) -> dict:
+def subprocess_env(num_devices: int, cache_dir: str | None = None, **extra: str) -> dict:
     """Environment for a ``main.py`` child: its own simulated device count, a shared persistent
     compilation cache (so restarts do not recompile), and the repository root importable."""
     import os
 
     env = dict(os.environ)
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
-    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir
-    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
-    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    env["JAX_COMPILATION_CACHE_DIR"] = cache_dir or env["EFFDET_JAX_TEST_JAX_CACHE"]
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     env.update(extra)
     return env
