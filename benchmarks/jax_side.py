@@ -62,10 +62,14 @@ def build_efficientdet(name: str, image_size: int, overrides: dict):
     return model, anchors, cfg.num_classes
 
 
-def make_detection_train_step(model, anchors, num_classes: int, learning_rate: float = 0.01):
+def make_detection_train_step(
+    model, anchors, num_classes: int, learning_rate: float = 0.01, train_bn: bool = True
+):
     """``(step, init_state)``: ``step(state, images, boxes, classes) -> (state, loss)``.
 
     ``state`` is ``(params, batch_stats, opt_state)``. Not jitted: callers choose shardings.
+    ``train_bn=False`` runs BN on its running statistics (only ``bench_scaling`` uses it, to
+    count the communication train-mode BN adds).
     """
     import jax
     import optax
@@ -77,12 +81,12 @@ def make_detection_train_step(model, anchors, num_classes: int, learning_rate: f
 
     def loss_fn(params, batch_stats, images, boxes, classes):
         (cls_out, box_out), mutated = model.apply(
-            {"params": params, "batch_stats": batch_stats}, images, train=True,
+            {"params": params, "batch_stats": batch_stats}, images, train=train_bn,
             mutable=["batch_stats"], rngs={"dropout": jax.random.key(0)},
         )
         targets = assign_targets(boxes, classes, anchors, num_classes)
         loss, _ = detection_loss(cls_out, box_out, targets, anchors, params=params)
-        return loss, mutated["batch_stats"]
+        return loss, mutated.get("batch_stats", batch_stats)
 
     def step(state, images, boxes, classes):
         params, batch_stats, opt_state = state

@@ -29,9 +29,9 @@ def build(case: dict):
     """``(compiled, call)``: the compiled executable and a no-argument blocking call."""
     import jax
     import jax.numpy as jnp
+    import jax_side
     import numpy as np
 
-    import jax_side
     from effdet_jax import efficientnet
 
     name, batch, size = case["model"], case["batch"], case["image_size"]
@@ -94,6 +94,20 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     return kinds
 
 
+def op_sources(hlo_text: str) -> dict[str, str]:
+    """Instruction name -> its ``op_name`` metadata with layer indices folded (``block_3`` ->
+    ``block_*``), so time can be summed per kind of layer and pass (``jvp`` forward,
+    ``transpose(jvp)`` backward)."""
+    out = {}
+    for line in hlo_text.splitlines():
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = .*op_name=\"([^\"]+)\"", line)
+        if m:
+            src = re.sub(r"(block|node|cell|conv|bn|resample)_\d+", r"\1_*", m.group(2))
+            src = re.sub(r"_p\d\b", "_p*", src)
+            out[m.group(1)] = src
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--case", required=True)
@@ -111,6 +125,7 @@ def main() -> None:
         with open(args.hlo, "w") as f:
             f.write(hlo)
     kinds = op_kinds(hlo)
+    sources = op_sources(hlo)
     call()
     call()
     logdir = tempfile.mkdtemp(prefix="effdet_prof_")
@@ -132,6 +147,12 @@ def main() -> None:
     print("\nby kind:")
     for kind, ms in by_kind.most_common(args.top):
         print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kind}")
+    by_source: collections.Counter = collections.Counter()
+    for name, ms in by_name.items():
+        by_source[sources.get(name, "?")] += ms
+    print("\nby source (op_name metadata, layer indices folded):")
+    for src, ms in by_source.most_common(args.top):
+        print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {src}")
     print("\nby op:")
     for name, ms in by_name.most_common(args.top):
         print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {kinds[name]:28s} {name}")

@@ -13,14 +13,15 @@ from configs import default
 
 
 def get_config() -> ml_collections.ConfigDict:
-    """d0's backbone with a thin 2-cell BiFPN on P3-P6 at 128 px, 4 shape classes."""
+    """d0's backbone with a thin 2-cell BiFPN on P3-P5 at 96 px, 4 shape classes, Adam."""
     config = default.get_config()
     config.model.name = "efficientdet-d0"
     config.model.num_classes = 4
-    config.model.image_size = 128
+    config.model.image_size = 96
     config.model.overrides = ml_collections.ConfigDict(
-        # Shapes are 8%..40% of a 96..128-px side: anchors half automl's size (anchor_scale 2).
-        {"fpn_num_filters": 32, "fpn_cell_repeats": 2, "box_class_repeats": 2, "max_level": 6,
+        # Shapes are 8%..40% of a 72..96-px side: anchors half automl's size (anchor_scale 2),
+        # so P3-P5 (16..64-px base anchors) cover them.
+        {"fpn_num_filters": 32, "fpn_cell_repeats": 2, "box_class_repeats": 2, "max_level": 5,
          "anchor_scale": 2.0}
     )
 
@@ -28,7 +29,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.shapes.num_classes = 4
     config.data.shapes.num_train = 4000
     config.data.shapes.num_eval = 200
-    config.data.shapes.image_size = 128
+    config.data.shapes.image_size = 96
     config.data.jitter_min = 0.8
     config.data.jitter_max = 1.2
     config.data.shuffle_buffer = 1024
@@ -36,9 +37,12 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.batch_size = 16
     config.train.total_steps = 600
     config.train.num_examples_per_epoch = 4000
-    config.train.learning_rate = 0.32  # per 64 images: 0.08 at batch 16
-    config.train.lr_warmup_init = 0.008
-    config.train.lr_warmup_epochs = 0.4  # 100 steps
+    # From scratch and only ~600 steps: Adam converges much faster here than automl's SGD
+    # (SGD 0.08 reached AP50 0.07 after 200 steps).
+    config.train.optimizer = "adam"
+    config.train.learning_rate = 0.004  # per 64 images: 1e-3 at batch 16
+    config.train.lr_warmup_init = 0.0001
+    config.train.lr_warmup_epochs = 0.2  # 50 steps
     config.train.ema_decay = 0.999
 
     config.eval.batch_size = 40

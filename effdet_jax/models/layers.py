@@ -116,7 +116,7 @@ def depthwise_conv(
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1],
         )
-    return _depthwise_shift_add(x, kernel, stride, pads, dilation)
+    return depthwise_shift_add_vjp(x, kernel, stride, pads, dilation)
 
 
 def _depthwise_shift_add(x, kernel, stride, pads, dilation):
@@ -160,11 +160,19 @@ def depthwise_shift_add_vjp(x, kernel, stride, pads, dilation):
 
 
 def _depthwise_vjp_fwd(x, kernel, stride, pads, dilation):
-    return _depthwise_shift_add(x, kernel, stride, pads, dilation), (x, kernel)
+    # Only used under differentiation (training): there the output feeds BN's mean and variance
+    # reductions and its normalisation, and XLA would recompute the kh*kw-tap sum inside each of
+    # them. Materialising it once is cheaper. Inference (the primal) keeps the fusion into BN.
+    y = lax.optimization_barrier(_depthwise_shift_add(x, kernel, stride, pads, dilation))
+    return y, (x, kernel)
 
 
 def _depthwise_vjp_bwd(stride, pads, dilation, residuals, g):
     x, kernel = residuals
+    # ``g`` feeds the input gradient and every tap's kernel-gradient reduction; without the
+    # barrier XLA fuses (recomputes) the whole element-wise chain behind it (BN and activation
+    # backward) into each of those kh*kw+1 consumers.
+    g = lax.optimization_barrier(g)
     kh, kw = kernel.shape[0], kernel.shape[1]
     # Forward: y[i] = sum_a xp[i*s + a*d] w[a] with xp[p] = x[p - before]. Its transpose:
     # gx[u] = sum_a gd[u + before - a*d] w[a], gd = g dilated by s (s-1 zeros between rows).
@@ -205,11 +213,12 @@ depthwise_shift_add_vjp.defvjp(_depthwise_vjp_fwd, _depthwise_vjp_bwd)
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """Dense 2D convolution with TF SAME padding; ``x`` NHWC, ``kernel`` HWIO.
 
-    1x1 stride-1 convolutions are computed as a matmul over ``[N*H*W, Cin]``, XLA CPU's faster path.
+    1x1 stride-1 convolutions are computed as a matmul over ``[N*H*W, Cin]``, XLA CPU's faster path
+    (``pointwise_conv``).
     """
     kh, kw, cin, cout = kernel.shape
     if kh == 1 and kw == 1 and stride == 1:
-        return jnp.einsum("nhwc,cd->nhwd", x, kernel[0, 0])
+        return pointwise_conv(x, kernel[0, 0])
     pads = (
         tf_same_padding(x.shape[1], kh, stride),
         tf_same_padding(x.shape[2], kw, stride),
@@ -217,6 +226,39 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+@jax.custom_vjp
+def pointwise_conv(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """1x1 convolution ``[..., Cin] x [Cin, Cout] -> [..., Cout]`` as one matmul, with a
+    hand-written backward pass.
+
+    The backward pass computes ``dx = dy W^T`` and ``dW = x^T dy`` as plain ``dot_general`` on
+    ``[rows, C]`` views (contracting the row axis of both for ``dW``), after materialising ``dy``
+    once. Autodiff of the einsum left XLA:CPU to transpose ``dy`` into a ``[Cout, rows]`` copy
+    and to recompute the element-wise chain behind ``dy`` (BN / activation / loss backward) into
+    both matmul operands. The values are the same matmuls.
+    """
+    return _pointwise_fwd(x, kernel)[0]
+
+
+def _pointwise_fwd(x, kernel):
+    cin, cout = kernel.shape
+    y = lax.dot_general(x.reshape(-1, cin), kernel, (((1,), (0,)), ((), ())))
+    return y.reshape(*x.shape[:-1], cout), (x, kernel)
+
+
+def _pointwise_bwd(residuals, dy):
+    x, kernel = residuals
+    cin, cout = kernel.shape
+    dy2 = lax.optimization_barrier(dy.reshape(-1, cout))
+    x2 = x.reshape(-1, cin)
+    dx = lax.dot_general(dy2, kernel, (((1,), (1,)), ((), ())))
+    dk = lax.dot_general(x2, dy2, (((0,), (0,)), ((), ())))
+    return dx.reshape(x.shape).astype(x.dtype), dk.astype(kernel.dtype)
+
+
+pointwise_conv.defvjp(_pointwise_fwd, _pointwise_bwd)
 
 
 def drop_weights(kernel: jax.Array, rate: float, rng: jax.Array) -> jax.Array:

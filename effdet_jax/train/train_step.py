@@ -109,7 +109,7 @@ def make_train_step(
             det = det_sum / k
             parts = jax.tree.map(lambda p: p / k, parts_sum)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
 
