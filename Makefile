@@ -12,7 +12,7 @@ WORKDIR ?= /tmp/effdet_jax_shapes
 REF_SCRIPTS := $(wildcard tools/torch_reference/make_*.py)
 REF_FILES := $(patsubst tools/torch_reference/make_%.py,$(REFS)/%.npz,$(REF_SCRIPTS))
 
-.PHONY: setup demo test refs lint
+.PHONY: setup demo test test-all refs lint
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,3 +42,6 @@ lint: setup
 test: setup refs
 	$(VENV)/bin/ruff check .
 	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 $(PY) -m pytest -n 2 -q tests
+
+test-all: setup refs
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 $(PY) -m pytest -n 2 -q -m "" tests

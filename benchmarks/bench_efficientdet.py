@@ -40,9 +40,10 @@ HERE = pathlib.Path(__file__).resolve().parent
 TORCH_NAME = {"efficientdet-d0": "tf_efficientdet_d0", "efficientdet-d1": "tf_efficientdet_d1"}
 
 
-def suite(quick: bool) -> list[dict]:
-    """(model, mode, batch, image_size) rows; ``quick`` keeps the headline D0 512 rows."""
-    rows = [
+def suite(quick: bool, rest_only: bool = False) -> list[dict]:
+    """(model, mode, batch, image_size) rows; ``quick`` keeps the headline D0 512 rows,
+    ``rest_only`` the others."""
+    rows = [] if rest_only else [
         ("efficientdet-d0", "infer", 1, 512),
         ("efficientdet-d0", "e2e", 1, 512),
         ("efficientdet-d0", "train", 4, 512),
@@ -67,6 +68,7 @@ VARIANTS = {"remat": {"remat": True}}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="D0 512 headline rows only")
+    parser.add_argument("--rest", action="store_true", help="only the rows --quick leaves out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
@@ -83,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
-    for row in suite(args.quick):
+    for row in suite(args.quick, args.rest):
         row = {**row, "warmup": args.warmup, "repeats": args.repeats}
         variants = []
         if args.only != "jax":

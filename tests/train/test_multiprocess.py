@@ -33,6 +33,9 @@ def _launch(workdir, total_steps: int) -> None:
             JAX_NUM_PROCESSES=str(NUM_PROCESSES),
             JAX_PROCESS_ID=str(pid),
         )
+        # No persistent cache here: a restarted pair hung when one process loaded a cached
+        # executable and the other compiled its own (observed, not yet root-caused).
+        env.pop("JAX_COMPILATION_CACHE_DIR")
         cmd = main_command(workdir, f"--config.train.total_steps={total_steps}",
                            "--config.checkpoint.every_steps=2")
         procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
