@@ -69,13 +69,8 @@ def test_sharded_train_step_lowers_at_reduced_size(name):
     assert "all-reduce" in lowered.as_text() or "sharding" in lowered.as_text()
 
 
-def test_one_sharded_train_step_at_reduced_size(name):
-    config = _config(name)
-    config.model.image_size = REDUCED_SIZE.get(name, 128)
-    config.train.batch_size = 8
-    config.mesh.fsdp = True  # shard the large kernels along `data` as well
-    config.mesh.shard_min_size = 2**16
-    validate_config(config, num_devices=8)
+def test_one_sharded_train_step_at_reduced_size():
+    config = _reduced("d0")
     exp = experiment.build_experiment(config)
     state = exp.init_state()
     host = random_batch(8, exp.image_size, config.model.num_classes, seed=0)
