@@ -24,7 +24,11 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-SHARED_REFERENCE = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+# shared/ sits beside the clone (as in CI); EFFDET_JAX_SHARED points elsewhere.
+SHARED = pathlib.Path(
+    os.environ.get("EFFDET_JAX_SHARED", pathlib.Path(__file__).resolve().parents[2] / "shared")
+)
+SHARED_REFERENCE = SHARED / "reference"
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +36,10 @@ def automl_reference() -> pathlib.Path:
     """Folder of google/automl reference data (read-only; see its README)."""
     path = SHARED_REFERENCE / "automl"
     if not path.exists():
-        pytest.fail(f"automl reference data not found at {path} (expected ../shared/reference)")
+        pytest.fail(
+            f"automl reference data not found at {path}: shared/ must sit beside the clone, or set "
+            "EFFDET_JAX_SHARED=/path/to/shared"
+        )
     return path
 
 
