@@ -268,8 +268,11 @@ def summary(config: ml_collections.ConfigDict) -> str:
         lambda v, x: exp.model.apply(v, x, train=False), variables, images
     )
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+    from effdet_jax.summary import summarize
+
     lines = [
         table,
+        summarize(exp.model).format(),
         f"model {config.model.name}: {n_params:,} parameters, input {exp.image_size}px",
         "outputs per level (class, box): "
         + ", ".join(f"{c.shape[1:]}/{b.shape[-1]}" for c, b in zip(cls_out, box_out, strict=True)),
