@@ -33,8 +33,10 @@ $(REFS)/%.npz: tools/torch_reference/make_%.py tools/torch_reference/common.py $
 
 refs: $(REF_FILES)
 
+# Huge pages for glibc malloc halve XLA:CPU step times here (fewer page faults on big buffers);
+# harmless where transparent huge pages are off. See benchmarks/RESULTS.md.
 demo: setup
-	$(PY) main.py --config=configs/shapes.py --workdir=$(WORKDIR)
+	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) main.py --config=configs/shapes.py --workdir=$(WORKDIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .
