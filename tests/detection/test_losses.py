@@ -217,9 +217,11 @@ def _naive_focal(x, y, alpha, gamma, smoothing):
     return (y * alpha + (1 - y) * (1 - alpha)) * (1 - p_t) ** gamma * ce
 
 
+# |x| <= 20: beyond that the naive formula's own ``1 - p`` loses precision even in float64 (at x=30
+# its relative error is ~1e-3), so it stops being a reference; extreme logits are covered below.
 @settings(max_examples=80, deadline=None)
 @given(
-    x=st.floats(-30, 30),
+    x=st.floats(-20, 20),
     y=st.sampled_from([0.0, 1.0]),
     gamma=st.sampled_from([0.0, 0.5, 1.5, 2.0]),
     smoothing=st.sampled_from([0.0, 0.1]),
