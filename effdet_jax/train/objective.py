@@ -24,14 +24,7 @@ def anchors_for(model_config) -> jax.Array:
 
 def anchor_config(model_config) -> anchors.AnchorConfig:
     """The anchor layout a model config implies (the model table is the one place for it)."""
-    return anchors.AnchorConfig(
-        min_level=model_config.min_level,
-        max_level=model_config.max_level,
-        num_scales=model_config.num_scales,
-        aspect_ratios=tuple(model_config.aspect_ratios),
-        anchor_scale=model_config.anchor_scale,
-        image_size=model_config.image_size,
-    )
+    return model_config.anchor_config()
 
 
 def make_loss_fn(model_config, loss_cfg: ml_collections.ConfigDict, num_classes: int) -> LossFn:
