@@ -134,14 +134,7 @@ def _shift_add(xp, kernel, stride, dilation):
     out = None
     for i in range(kh):
         for j in range(kw):
-            y0, x0 = i * dilation, j * dilation
-            tap = lax.slice(
-                xp,
-                (0, y0, x0, 0),
-                (n, y0 + (out_h - 1) * stride + 1, x0 + (out_w - 1) * stride + 1, c),
-                (1, stride, stride, 1),
-            )
-            term = tap * kernel[i, j, 0]
+            term = _tap(xp, i, j, out_h, out_w, stride, dilation) * kernel[i, j, 0]
             out = term if out is None else out + term
     return out
 
@@ -188,6 +181,19 @@ def _depthwise_vjp_bwd(stride, pads, dilation, residuals, g):
     return gx, gk.astype(kernel.dtype)
 
 
+def _tap(xp, i, j, out_h, out_w, stride, dilation):
+    """The input pixels that kernel tap (i, j) meets: a strided ``[N, out_h, out_w, C]`` slice of
+    the padded input ``xp``."""
+    n, _, _, c = xp.shape
+    y0, x0 = i * dilation, j * dilation
+    return lax.slice(
+        xp,
+        (0, y0, x0, 0),
+        (n, y0 + (out_h - 1) * stride + 1, x0 + (out_w - 1) * stride + 1, c),
+        (1, stride, stride, 1),
+    )
+
+
 def _depthwise_kernel_grad(x, g, kh, kw, stride, pads, dilation):
     """``gk[a, b, 0, c] = sum_{n,i,j} xp[n, i*s + a*d, j*s + b*d, c] * g[n, i, j, c]``."""
     xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
@@ -195,13 +201,7 @@ def _depthwise_kernel_grad(x, g, kh, kw, stride, pads, dilation):
     rows = []
     for i in range(kh):
         for j in range(kw):
-            y0, x0 = i * dilation, j * dilation
-            tap = lax.slice(
-                xp,
-                (0, y0, x0, 0),
-                (n, y0 + (out_h - 1) * stride + 1, x0 + (out_w - 1) * stride + 1, c),
-                (1, stride, stride, 1),
-            )
+            tap = _tap(xp, i, j, out_h, out_w, stride, dilation)
             rows.append(jnp.sum(tap * g, axis=(0, 1, 2)))
     return jnp.stack(rows).reshape(kh, kw, 1, c)
 
