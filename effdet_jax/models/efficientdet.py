@@ -36,7 +36,7 @@ class EfficientDet(nn.Module):
             remat=cfg.remat, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
-        feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, 6)}
+        feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
         for lvl in range(6, cfg.max_level + 1):
             feats[lvl] = ResampleFeature(
                 cfg.fpn_num_filters, sizes[lvl], dtype, name=f"resample_p{lvl}"

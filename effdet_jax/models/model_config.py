@@ -55,7 +55,8 @@ class EfficientDetConfig:
       backbone_name: an EfficientNet name (``efficientnet-b3``).
       image_size: ``(height, width)`` of the network input in pixels.
       num_classes: class logits per anchor (90 for the COCO checkpoints: logit = category id - 1).
-      min_level / max_level: pyramid levels (P3-P7; D7x goes to P8).
+      min_level / max_level: pyramid levels (P3-P7; D7x goes to P8); min_level 2 adds the stride-4
+        backbone feature (small objects), max_level below 5 drops the coarse ones.
       num_scales / aspect_ratios / anchor_scale: anchors per location = num_scales*len(aspect_ratios);
         aspect ratios are w/h scalars or (w, h) pairs.
       fpn_num_filters / fpn_cell_repeats / box_class_repeats: width and depths.
@@ -119,10 +120,10 @@ class EfficientDetConfig:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not allowed; choose one of {allowed}")
-        if not 3 <= self.min_level <= 5 or self.max_level < max(self.min_level, 5):
+        if not 2 <= self.min_level <= 5 or self.max_level < self.min_level + 1:
             raise ValueError(
-                f"levels {self.min_level}..{self.max_level}: min_level must be 3..5 (the backbone "
-                "gives P3-P5) and max_level >= 5"
+                f"levels {self.min_level}..{self.max_level}: min_level must be 2..5 (the backbone "
+                "gives P2-P5; higher levels are pooled from P5) and max_level > min_level"
             )
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")

@@ -282,7 +282,9 @@ def test_config_errors_name_the_problem():
     with pytest.raises(ValueError, match="fpn_num_filter"):
         get_efficientdet_config("efficientdet-d0", fpn_num_filter=3)
     with pytest.raises(ValueError, match="min_level"):
-        get_efficientdet_config("efficientdet-d0", min_level=2)
+        get_efficientdet_config("efficientdet-d0", min_level=1)
+    with pytest.raises(ValueError, match="max_level > min_level"):
+        get_efficientdet_config("efficientdet-d0", min_level=4, max_level=4)
     model = _tiny()
     with pytest.raises(ValueError, match="image_size"):
         model.init(jax.random.key(0), jnp.zeros((1, 96, 96, 3)))
@@ -298,3 +300,15 @@ def test_bfloat16_model_keeps_float32_params_and_outputs():
     ref_cls, _ = jax.jit(_tiny().apply)(variables, x)
     scale = float(jnp.abs(ref_cls[0]).max())
     assert float(jnp.abs(cls[0] - ref_cls[0]).max()) < 0.1 * scale
+
+
+def test_stride4_levels_p2_to_p4():
+    """min_level 2 takes the backbone's stride-4 feature; max_level 4 stops before P5."""
+    model = efficientdet("efficientdet-d0", num_classes=3, image_size=96, min_level=2, max_level=4,
+                         fpn_num_filters=16, fpn_cell_repeats=1, box_class_repeats=1)
+    x = jnp.zeros((1, 96, 96, 3))
+    variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), x)
+    cls, box = jax.eval_shape(model.apply, variables, x)
+    assert [c.shape[1:3] for c in cls] == [(24, 24), (12, 12), (6, 6)]
+    assert [b.shape[-1] for b in box] == [9 * 4] * 3
+    assert model.config.anchor_config().feature_sizes() == {2: (24, 24), 3: (12, 12), 4: (6, 6)}
