@@ -24,12 +24,14 @@ automl quirks, decided:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from effdet_jax.detection import box_coder
 from effdet_jax.detection.targets import IGNORE, flatten_level_outputs
@@ -55,6 +57,35 @@ class LossConfig:
             raise ValueError(f"iou_loss_type must be one of {IOU_LOSS_TYPES} or None")
 
 
+def _focal_terms(
+    x: jax.Array, y: jax.Array, weight: jax.Array, alpha: float, gamma: float, label_smoothing: float
+) -> tuple[jax.Array, jax.Array]:
+    """Element-wise focal loss and its derivative in the logits, both float32.
+
+    ``y`` is the 0/1 target, ``weight`` 0 where the element is ignored. With ``s = x`` for
+    negatives and ``-x`` for positives, ``log(1 - p_t) = log_sigmoid(s)`` and the cross-entropy
+    against the smoothed target is ``softplus(s) - label_smoothing / 2 * s``; both share one
+    ``exp(-|s|)`` and one ``log1p``, so every term is finite and accurate for any logit. The
+    derivative is written out, so the backward pass reads one stored array instead of
+    differentiating through the transcendental chain again.
+    """
+    sign = 1.0 - 2.0 * y  # ds/dx
+    s = sign * x
+    e = jnp.exp(-jnp.abs(s))
+    log1p_e = jnp.log1p(e)
+    log_one_minus_pt = jnp.minimum(s, 0.0) - log1p_e  # log_sigmoid(s)
+    sigmoid_s = jnp.where(s >= 0.0, 1.0, e) / (1.0 + e)  # 1 - p_t
+    modulating = jnp.exp(gamma * log_one_minus_pt)
+    ce = jnp.maximum(s, 0.0) + log1p_e - 0.5 * label_smoothing * s
+    w = weight * jnp.where(y > 0.0, alpha, 1.0 - alpha)
+    loss = w * modulating * ce
+    # d/ds: gamma * (1 - sigmoid(s)) * modulating * ce + modulating * (sigmoid(s) - ls / 2).
+    grad = w * modulating * sign * (
+        gamma * (1.0 - sigmoid_s) * ce + sigmoid_s - 0.5 * label_smoothing
+    )
+    return loss, grad
+
+
 def focal_loss(
     logits: jax.Array,
     targets: jax.Array,
@@ -65,22 +96,52 @@ def focal_loss(
     """Element-wise sigmoid focal loss ``alpha_t (1 - p_t)^gamma BCE(y_smoothed, logits)``.
 
     ``targets`` are 0/1 (one-hot) of the logits' shape. Everything comes from
-    ``log p = log_sigmoid(x)`` and ``log(1-p) = log_sigmoid(-x)``, and the modulating factor is
-    ``exp(gamma * log(1 - p_t))``, so the value and its gradient stay finite for logits of any
-    float32 magnitude and any ``gamma >= 0`` (``(1-p_t)**gamma`` has an infinite slope at 0 for
-    ``gamma < 1``). As in automl, ``alpha_t`` and the modulating factor use the hard targets;
-    label smoothing (towards 0.5) only enters the cross-entropy. Not normalised.
+    ``log(1 - p_t) = log_sigmoid(s)`` (``s = x`` for negatives, ``-x`` for positives), and the
+    modulating factor is ``exp(gamma * log(1 - p_t))``, so the value and its gradient stay finite
+    for logits of any float32 magnitude and any ``gamma >= 0`` (``(1-p_t)**gamma`` has an infinite
+    slope at 0 for ``gamma < 1``). As in automl, ``alpha_t`` and the modulating factor use the
+    hard targets; label smoothing (towards 0.5) only enters the cross-entropy. Not normalised.
+    :func:`focal_loss_sum` is the fused form the training loss uses.
     """
     x = logits.astype(jnp.float32)
     y = targets.astype(jnp.float32)
-    log_p, log_not_p = jax.nn.log_sigmoid(x), jax.nn.log_sigmoid(-x)
-    # 1 - p_t is 1 - p for positives and p for negatives.
-    log_one_minus_pt = y * log_not_p + (1.0 - y) * log_p
-    modulating = jnp.exp(gamma * log_one_minus_pt)
-    alpha_t = y * alpha + (1.0 - y) * (1.0 - alpha)
-    y_ce = y * (1.0 - label_smoothing) + 0.5 * label_smoothing
-    ce = -(y_ce * log_p + (1.0 - y_ce) * log_not_p)
-    return alpha_t * modulating * ce
+    return _focal_terms(x, y, jnp.ones_like(x), alpha, gamma, label_smoothing)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def focal_loss_sum(
+    logits: jax.Array,
+    cls_targets: jax.Array,
+    alpha: float = 0.25,
+    gamma: float = 1.5,
+    label_smoothing: float = 0.0,
+) -> jax.Array:
+    """``sum(focal_loss)`` over ``logits [B, N, C]`` for integer ``cls_targets [B, N]``.
+
+    ``cls_targets`` are 0-based classes, ``-1`` for background and ``IGNORE`` (-2) for anchors
+    that get no loss. The loss and its gradient are computed in one pass over the logits (a
+    hand-written VJP): on CPU the focal term over ``[B, 49104, 90]`` (D0 at 512) was the largest
+    single cost of the training step when differentiated automatically.
+    """
+    return _focal_sum_fwd(logits, cls_targets, alpha, gamma, label_smoothing)[0]
+
+
+def _focal_sum_fwd(logits, cls_targets, alpha, gamma, label_smoothing):
+    x = logits.astype(jnp.float32)
+    y = (cls_targets[..., None] == jnp.arange(x.shape[-1], dtype=cls_targets.dtype)).astype(
+        jnp.float32
+    )
+    weight = (cls_targets != IGNORE)[..., None].astype(jnp.float32)
+    loss, grad = _focal_terms(x, y, weight, alpha, gamma, label_smoothing)
+    return jnp.sum(loss), (grad.astype(logits.dtype), cls_targets)
+
+
+def _focal_sum_bwd(alpha, gamma, label_smoothing, residuals, g):
+    grad, cls_targets = residuals
+    return (g.astype(grad.dtype) * grad, np.zeros(cls_targets.shape, jax.dtypes.float0))
+
+
+focal_loss_sum.defvjp(_focal_sum_fwd, _focal_sum_bwd)
 
 
 def huber_loss(outputs: jax.Array, targets: jax.Array, delta: float = 0.1) -> jax.Array:
@@ -218,6 +279,25 @@ def _elementwise(
     return cls_elem, box_elem, deltas, normalizer
 
 
+def _class_loss_sum(
+    cls_outputs: jax.Array | Sequence[jax.Array], cls_targets: jax.Array, config: LossConfig
+) -> jax.Array:
+    """Un-normalised focal loss, level by level: the per-level logits are only reshaped, never
+    concatenated into one ``[B, A, C]`` copy (nor sliced apart again in the backward pass)."""
+    num_classes = _num_classes(cls_outputs, cls_targets.shape[1])
+    levels = cls_outputs if isinstance(cls_outputs, list | tuple) else [cls_outputs]
+    total, start = jnp.zeros((), jnp.float32), 0
+    for level in levels:
+        logits = jnp.reshape(level, (cls_targets.shape[0], -1, num_classes))
+        rows = logits.shape[1]
+        total += focal_loss_sum(
+            logits, cls_targets[:, start : start + rows], config.alpha, config.gamma,
+            config.label_smoothing,
+        )
+        start += rows
+    return total
+
+
 def per_level_losses(
     cls_outputs: jax.Array | Sequence[jax.Array],
     box_outputs: jax.Array | Sequence[jax.Array],
@@ -258,10 +338,11 @@ def detection_loss(
       ``parts`` has ``cls_loss``, ``box_loss``, ``box_iou_loss``, ``det_loss`` (without L2),
       ``reg_l2_loss`` (0 without ``params``) and ``num_positives_sum`` (the normaliser).
     """
-    cls_elem, box_elem, deltas, normalizer = _elementwise(
-        cls_outputs, box_outputs, targets, config
-    )
-    cls_loss = jnp.sum(cls_elem) / normalizer
+    cls_targets = targets["cls_targets"]
+    deltas = _flat(box_outputs, 4).astype(jnp.float32)
+    normalizer = jnp.sum(targets["num_positives"].astype(jnp.float32)) + 1.0
+    cls_loss = _class_loss_sum(cls_outputs, cls_targets, config) / normalizer
+    box_elem = huber_loss(deltas, targets["box_targets"], config.delta)
     box_loss = jnp.sum(box_elem) / (4.0 * normalizer)
     if config.iou_loss_type:
         iou_elem = box_iou_loss(deltas, targets["box_targets"], anchors, config.iou_loss_type)
