@@ -47,19 +47,38 @@ def nonfinite_parts(metrics: dict[str, Any]) -> list[str]:
     return parts or ["loss"]
 
 
-class _SigtermFlag:
-    """Turns SIGTERM into a flag the loop polls, so it can save and exit between steps."""
+class _StopRequest:
+    """SIGTERM (preemption) as a decision the loop takes between steps: save, then exit.
+
+    One process: a Python SIGTERM handler sets a flag. Several processes: every process must stop
+    at the same step (the save is collective), even when the signal reaches only one of them, so
+    the decision comes from JAX's preemption service, which ``jax.distributed.initialize`` starts
+    and which catches SIGTERM itself; ``reached_preemption_sync_point`` then turns true on every
+    process at one agreed step. It must be asked at every step, which the loop does.
+    """
 
     def __init__(self):
         self.requested = False
         self._previous = None
-        if threading.current_thread() is threading.main_thread():
+        self.collective = jax.process_count() > 1 and jax.distributed.is_initialized()
+        if not self.collective and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         del signum, frame
         logging.warning("SIGTERM: saving a checkpoint after the current step and exiting")
         self.requested = True
+
+    def at_step(self, step: int) -> bool:
+        """Whether to save and stop after ``step``; call once per step, on every process."""
+        if self.collective and not self.requested:
+            from jax.experimental import multihost_utils
+
+            if multihost_utils.reached_preemption_sync_point(step):
+                logging.warning("preemption notice: every process saves and stops after step %d",
+                                step)
+                self.requested = True
+        return self.requested
 
     def restore(self):
         if self._previous is not None:
@@ -128,7 +147,7 @@ def train_and_evaluate(
 
     batches = input_pipeline.train_batches(config, exp.image_size, start_step=start)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]
-    sigterm = _SigtermFlag()
+    stop = _StopRequest()
     eval_metrics: dict[str, float] = {}
     pending: tuple[int, dict] | None = None  # (step, device metrics) not fetched yet
 
@@ -164,26 +183,27 @@ def train_and_evaluate(
                     step % config.eval.every_steps == 0 or step == total
                 )
                 do_save = do_eval or step % config.checkpoint.every_steps == 0
-                if do_save or sigterm.requested:
+                stopping = stop.at_step(step)
+                if do_save or stopping:
                     drain()  # never checkpoint a state whose step was not checked
                 if do_eval:
                     with hooks[0].timed("eval"):
                         eval_metrics = evaluation_loop.evaluate(exp, state, writer, step)
-                if do_save or sigterm.requested:
+                if do_save or stopping:
                     checkpointing.save(
                         manager,
                         state,
                         step,
                         metrics=_best_metric(eval_metrics) if do_eval else None,
-                        force=do_eval or sigterm.requested or step == total,
+                        force=do_eval or stopping or step == total,
                     )
-                if sigterm.requested:
+                if stopping:
                     logging.warning("stopped by SIGTERM after step %d", step)
                     break
             drain()
     finally:
         manager.wait_until_finished()
-        sigterm.restore()
+        stop.restore()
         writer.flush()
     manager.close()
     return eval_metrics

@@ -2,8 +2,10 @@
 each) train with per-process input, checkpoint, restart from the checkpoint, and end at the params
 of a single-process run fed the same global batches."""
 
+import signal
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -23,7 +25,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(workdir, total_steps: int) -> None:
+def _start(workdir, *overrides: str, logs=None) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for pid in range(NUM_PROCESSES):
@@ -36,10 +38,15 @@ def _launch(workdir, total_steps: int) -> None:
         # No persistent cache here: a restarted pair hung when one process loaded a cached
         # executable and the other compiled its own (observed, not yet root-caused).
         env.pop("JAX_COMPILATION_CACHE_DIR")
-        cmd = main_command(workdir, f"--config.train.total_steps={total_steps}",
-                           "--config.checkpoint.every_steps=2")
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+        out = subprocess.PIPE if logs is None else open(logs[pid], "w")  # noqa: SIM115
+        procs.append(subprocess.Popen(main_command(workdir, *overrides), env=env, stdout=out,
                                       stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def _launch(workdir, total_steps: int) -> None:
+    procs = _start(workdir, f"--config.train.total_steps={total_steps}",
+                   "--config.checkpoint.every_steps=2")
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
@@ -77,3 +84,32 @@ def test_two_processes_match_single_process(tmp_path):
     assert max_abs_diff(multi.params, single.params) < 1e-5
     assert max_abs_diff(multi.batch_stats, single.batch_stats) < 1e-5
     assert max_abs_diff(multi.ema_params, single.ema_params) < 1e-5
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """Preemption usually signals every host, but not always at once: a SIGTERM that reaches only
+    process 0 must still make both processes save one checkpoint at an agreed step and exit 0
+    (not hang in a collective the other never joins)."""
+    logs = [tmp_path / f"p{i}.log" for i in range(NUM_PROCESSES)]
+    procs = _start(tmp_path / "run", "--config.train.total_steps=100000",
+                   "--config.checkpoint.every_steps=100000", "--config.eval.every_steps=100000",
+                   logs=logs)
+    try:
+        deadline = time.time() + 600
+        while "train/loss" not in logs[0].read_text() or "train/loss" not in logs[1].read_text():
+            assert time.time() < deadline and all(p.poll() is None for p in procs), \
+                logs[0].read_text()[-3000:]
+            time.sleep(1)
+        procs[0].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    texts = [log.read_text() for log in logs]
+    assert codes == [0, 0], [t[-3000:] for t in texts]
+    stopped = [t.split("stopped by SIGTERM after step ")[1].split()[0] for t in texts]
+    assert stopped[0] == stopped[1], stopped
+    step = int(stopped[0])
+    state = restore_state(tiny_config(), tmp_path / "run", step)
+    assert int(state.step) == step
