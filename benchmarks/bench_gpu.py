@@ -28,13 +28,12 @@ import json
 import os
 import pathlib
 import platform
-import statistics
 import sys
 import time
-from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from common import timed  # noqa: E402
 
 CASES = [  # (mode, batch, dtype)
     ("e2e", 1, "float32"),
@@ -47,19 +46,6 @@ CASES = [  # (mode, batch, dtype)
     ("e2e", 8, "bfloat16"),
     ("train", 8, "bfloat16"),
 ]
-
-
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
-    """Median / min / max milliseconds of ``fn()``, which must return after the device is done."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return {"median_ms": statistics.median(times), "min_ms": min(times), "max_ms": max(times),
-            "runs": len(times)}
 
 
 class Recorder:
