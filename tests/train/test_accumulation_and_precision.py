@@ -74,6 +74,12 @@ def test_grad_accumulation_is_the_mean_of_sequential_micro_batch_gradients():
     assert max_abs_diff(optax.apply_updates(init.params, full_updates), expected) > 1e-6
 
 
+def _update(state, init) -> np.ndarray:
+    """All parameter changes of a step as one flat vector."""
+    return np.concatenate([np.ravel(a - b) for a, b in zip(
+        jax.tree.leaves(state.params), jax.tree.leaves(init.params), strict=True)])
+
+
 def test_bfloat16_training_keeps_float32_state_and_matches_float32():
     config = tiny_config()
     config.model.dtype = "bfloat16"
@@ -88,9 +94,6 @@ def test_bfloat16_training_keeps_float32_state_and_matches_float32():
     assert metrics16["finite"] == 1.0
     # bfloat16 has an 8-bit mantissa: losses agree to ~1%, updates point the same way.
     np.testing.assert_allclose(metrics16["loss"], metrics32["loss"], rtol=0.03)
-    d16 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(state16.params),
-                                                            jax.tree.leaves(init16.params))])
-    d32 = np.concatenate([np.ravel(a - b) for a, b in zip(jax.tree.leaves(state32.params),
-                                                            jax.tree.leaves(init32.params))])
+    d16, d32 = _update(state16, init16), _update(state32, init32)
     cosine = float(d16 @ d32 / (np.linalg.norm(d16) * np.linalg.norm(d32)))
     assert cosine > 0.95, cosine

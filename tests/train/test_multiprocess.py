@@ -73,7 +73,6 @@ def _reference_run(config, steps: int):
     return jax.device_get(state)
 
 
-@pytest.mark.slow
 def test_two_processes_match_single_process(tmp_path):
     _launch(tmp_path / "run", total_steps=2)  # saves step 2
     _launch(tmp_path / "run", total_steps=3)  # restores step 2, trains step 3

@@ -20,7 +20,6 @@ def _committed_steps(workdir) -> list[int]:
     return sorted(int(d) for d in os.listdir(path) if d.isdigit())
 
 
-@pytest.mark.slow
 def test_kill_dash_nine_then_resume_matches_uninterrupted(tmp_path):
     env = subprocess_env(2)
     full, killed = tmp_path / "full", tmp_path / "killed"
