@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
+from jax.experimental import multihost_utils
 
 from effdet_jax.train import checkpointing, distributed, evaluation_loop, input_pipeline, optimizer
 from effdet_jax.train.config_validation import validate_config
@@ -72,8 +73,6 @@ class _StopRequest:
     def at_step(self, step: int) -> bool:
         """Whether to save and stop after ``step``; call once per step, on every process."""
         if self.collective and not self.requested:
-            from jax.experimental import multihost_utils
-
             if multihost_utils.reached_preemption_sync_point(step):
                 logging.warning("preemption notice: every process saves and stops after step %d",
                                 step)
