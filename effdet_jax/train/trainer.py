@@ -181,7 +181,7 @@ def train_and_evaluate(
                 do_eval = evaluate_during_training and (
                     step % config.eval.every_steps == 0 or step == total
                 )
-                do_save = do_eval or step % config.checkpoint.every_steps == 0
+                do_save = do_eval or step % config.checkpoint.every_steps == 0 or step == total
                 stopping = stop.at_step(step)
                 if do_save or stopping:
                     drain()  # never checkpoint a state whose step was not checked
