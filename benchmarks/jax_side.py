@@ -50,16 +50,11 @@ def build_efficientdet(name: str, image_size: int, overrides: dict):
     import jax.numpy as jnp
 
     from effdet_jax import efficientdet
-    from effdet_jax.detection.anchors import AnchorConfig, generate_anchors
+    from effdet_jax.detection.anchors import generate_anchors
 
     model = efficientdet(name, num_classes=90, image_size=image_size, **overrides)
-    cfg = model.config
-    anchors = jnp.asarray(generate_anchors(AnchorConfig(
-        min_level=cfg.min_level, max_level=cfg.max_level, num_scales=cfg.num_scales,
-        aspect_ratios=tuple(cfg.aspect_ratios), anchor_scale=cfg.anchor_scale,
-        image_size=cfg.image_size,
-    )))
-    return model, anchors, cfg.num_classes
+    anchors = jnp.asarray(generate_anchors(model.config.anchor_config()))
+    return model, anchors, model.config.num_classes
 
 
 def make_detection_train_step(

@@ -19,12 +19,7 @@ LossFn = Callable[[list, list, dict, Any], tuple[jax.Array, dict[str, jax.Array]
 
 def anchors_for(model_config) -> jax.Array:
     """[num_anchors, 4] yxyx pixel anchors for a model config (level, y, x, anchor order)."""
-    return jnp.asarray(anchors.generate_anchors(anchor_config(model_config)))
-
-
-def anchor_config(model_config) -> anchors.AnchorConfig:
-    """The anchor layout a model config implies (the model table is the one place for it)."""
-    return model_config.anchor_config()
+    return jnp.asarray(anchors.generate_anchors(model_config.anchor_config()))
 
 
 def make_loss_fn(model_config, loss_cfg: ml_collections.ConfigDict, num_classes: int) -> LossFn:
