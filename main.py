@@ -9,10 +9,12 @@ This file only parses flags; everything else is in ``effdet_jax.train`` (importa
 """
 
 import glob
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from effdet_jax import cpu_malloc
 from effdet_jax.train import trainer
 
 MODES = ("train", "eval", "train_and_eval", "predict", "summary")
@@ -35,6 +37,8 @@ def main(argv):
 
     hide_gpus_from_tf()
     config = FLAGS.config
+    if cpu_malloc.jax_will_use_cpu(os.environ):
+        logging.info(cpu_malloc.status_line(os.environ))
     if FLAGS.mode == "summary":
         print(trainer.summary(config))
         return
@@ -57,4 +61,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    # Before anything runs: with glibc's malloc every XLA:CPU train step page-faults its whole
+    # working set again; this re-executes once with tcmalloc preloaded (effdet_jax/cpu_malloc.py).
+    cpu_malloc.reexec_with_cpu_malloc()
     app.run(main)

@@ -76,7 +76,7 @@ def main() -> None:
                         help="wait until the 1-min load average is below this before each case")
     parser.add_argument("--load-timeout", type=float, default=300)
     parser.add_argument("--channels-last", action="store_true", help="also effdet channels_last")
-    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="hugetlb",
+    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="cached",
                         help="glibc malloc tuning for both sides (see common.MALLOC_ENV)")
     parser.add_argument("--variants", action="store_true",
                         help="also JAX train rows with remat (memory / speed trade-off)")
@@ -104,6 +104,7 @@ def main() -> None:
             load = wait_for_low_load(args.max_load, args.load_timeout)
             result = run_case(python, script, case, args.threads, env=MALLOC_ENV[args.malloc])
             result["malloc"] = args.malloc
+            result["malloc_env"] = MALLOC_ENV[args.malloc]
             result["load_wait_end"] = round(load, 2)
             results.append(result)
             print(json.dumps(result), flush=True)

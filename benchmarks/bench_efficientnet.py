@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--max-load", type=float, default=1.0)
     parser.add_argument("--load-timeout", type=float, default=300)
-    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="hugetlb")
+    parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="cached")
     parser.add_argument("--out", type=pathlib.Path)
     args = parser.parse_args()
 
@@ -58,7 +58,8 @@ def main() -> None:
             load = wait_for_low_load(args.max_load, args.load_timeout)
             case = {**base, **extra, "mode": mode}
             r = run_case(python, HERE / script, case, args.threads, env=MALLOC_ENV[args.malloc])
-            r.update(label=label, load_wait_end=round(load, 2), malloc=args.malloc)
+            r.update(label=label, load_wait_end=round(load, 2), malloc=args.malloc,
+                     malloc_env=MALLOC_ENV[args.malloc])
             results.append(r)
             print(json.dumps(r), flush=True)
     if args.out:

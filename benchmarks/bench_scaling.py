@@ -154,7 +154,7 @@ def _run_self(devices: int, args: argparse.Namespace) -> dict:
 
     from common import JAX_PYTHON, MALLOC_ENV, RESULT_PREFIX
 
-    env = {**os.environ, **MALLOC_ENV["hugetlb"]}
+    env = {**os.environ, **MALLOC_ENV["cached"]}
     env.pop("XLA_FLAGS", None)
     cmd = [str(JAX_PYTHON), __file__, "--case", json.dumps({"devices": devices}),
            "--image-size", str(args.image_size), "--batch", str(args.batch),

@@ -28,12 +28,30 @@ from collections.abc import Callable, Sequence
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_PYTHON = pathlib.Path.home() / ".cache/effdet_jax/torch-venv/bin/python"
 JAX_PYTHON = ROOT / ".venv/bin/python"
+
+
+def _load_cpu_malloc():
+    """``effdet_jax/cpu_malloc.py`` loaded by path: it is stdlib-only, and the torch side's
+    environment has neither effdet_jax nor jax (importing the package would import jax)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("cpu_malloc", ROOT / "effdet_jax/cpu_malloc.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cpu_malloc = _load_cpu_malloc()
 RESULT_PREFIX = "RESULT "
-# glibc's malloc serves the large (> 32 MiB) per-step buffers of both frameworks with fresh mmap
-# regions, so every step page-faults its whole working set again (measured: 3.5 M minor faults and
-# 2x the user time in system time for a depthwise backward). Backing them with transparent huge
-# pages cuts the faults ~70x. Same setting for both sides; ``--malloc default`` measures without.
+# XLA:CPU and PyTorch both malloc their large per-step buffers afresh each step; glibc serves them
+# with fresh mmaps that every step page-faults and zero-fills again (a D0 train step: more system
+# than user time). ``cached`` (the default) preloads tcmalloc (or jemalloc), which reuses freed
+# extents: what main.py does for itself (effdet_jax/cpu_malloc.py) and what PyTorch's CPU tuning
+# guide recommends. ``hugetlb`` only backs the fresh regions with huge pages (the setting of the
+# 2026-11-25 runs); ``default`` is plain glibc. Both sides always run under the same setting.
+_ALLOCATOR = cpu_malloc.find_allocator()
 MALLOC_ENV = {
+    "cached": cpu_malloc.cpu_malloc_env({}, _ALLOCATOR),
     "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "default": {},
 }

@@ -225,16 +225,31 @@ def _tap(xp, i, j, out_h, out_w, stride, dilation):
     )
 
 
-def _depthwise_kernel_grad(x, g, kh, kw, stride, pads, dilation):
-    """``gk[a, b, 0, c] = sum_{n,i,j} xp[n, i*s + a*d, j*s + b*d, c] * g[n, i, j, c]``."""
-    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+def _depthwise_kernel_grad(x, g, kh, kw, stride, pads, dilation, parts: int = 8):
+    """``gk[a, b, 0, c] = sum_{n,i,j} xp[n, i*s + a*d, j*s + b*d, c] * g[n, i, j, c]``.
+
+    XLA:CPU's reduction over the major axes is compute-bound (well under 1 GFLOP/s), so one
+    element-wise pass first folds the output rows into ``parts`` groups for all taps together
+    (``[N, rows / parts, W, kh*kw, C]``; it reads ``x`` and ``g`` once and vectorises over ``C``),
+    and a single reduction finishes: 1.5-1.9x faster than one reduction per tap on the D0
+    backbone's shapes. Zero rows pad ``g`` (and ``x`` below) to a multiple of ``parts``.
+    """
     n, out_h, out_w, c = g.shape
-    rows = []
+    parts = max(1, min(parts, out_h))
+    rows = -(-out_h // parts)
+    extra = rows * parts - out_h
+    g = jnp.pad(g, ((0, 0), (0, extra), (0, 0), (0, 0)))
+    xp = jnp.pad(x, ((0, 0), (pads[0][0], pads[0][1] + extra * stride), pads[1], (0, 0)))
+    folded_taps = []
     for i in range(kh):
         for j in range(kw):
-            tap = _tap(xp, i, j, out_h, out_w, stride, dilation)
-            rows.append(jnp.sum(tap * g, axis=(0, 1, 2)))
-    return jnp.stack(rows).reshape(kh, kw, 1, c)
+            tap = _tap(xp, i, j, rows * parts, out_w, stride, dilation)
+            product = (tap * g).reshape(n, parts, rows, out_w, c)
+            folded = product[:, 0]
+            for part in range(1, parts):
+                folded = folded + product[:, part]
+            folded_taps.append(folded)
+    return jnp.sum(jnp.stack(folded_taps, axis=-2), axis=(0, 1, 2)).reshape(kh, kw, 1, c)
 
 
 depthwise_shift_add_vjp.defvjp(_depthwise_vjp_fwd, _depthwise_vjp_bwd)
