@@ -77,7 +77,7 @@ def main() -> None:
     parser.add_argument("--load-timeout", type=float, default=300)
     parser.add_argument("--channels-last", action="store_true", help="also effdet channels_last")
     parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="cached",
-                        help="glibc malloc tuning for both sides (see common.MALLOC_ENV)")
+                        help="allocator for both sides (see common.MALLOC_ENV)")
     parser.add_argument("--variants", action="store_true",
                         help="also JAX train rows with remat (memory / speed trade-off)")
     parser.add_argument("--only", choices=["jax", "torch"], help="run one side")
