@@ -15,7 +15,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from effdet_jax import cpu_malloc
-from effdet_jax.train import trainer
 
 MODES = ("train", "eval", "train_and_eval", "predict", "summary")
 
@@ -33,9 +32,13 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Imported here, not at the top: the trainer pulls in TensorFlow (~4 s), which would be
+    # wasted before cpu_malloc's re-execution.
     from effdet_jax.data import hide_gpus_from_tf
 
     hide_gpus_from_tf()
+    from effdet_jax.train import trainer
+
     config = FLAGS.config
     if cpu_malloc.jax_will_use_cpu(os.environ):
         logging.info(cpu_malloc.status_line(os.environ))
