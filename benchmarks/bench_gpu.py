@@ -48,6 +48,14 @@ CASES = [  # (mode, batch, dtype)
 ]
 
 
+def selected_cases(args) -> list[tuple[str, int, str]]:
+    """``CASES`` narrowed by ``--dtype`` and ``--cases`` (``mode:batch:dtype`` items)."""
+    wanted = None if not args.cases else {
+        (m, int(b), d) for m, b, d in (item.split(":") for item in args.cases.split(","))}
+    return [case for case in CASES
+            if (not args.dtype or case[2] == args.dtype) and (wanted is None or case in wanted)]
+
+
 class Recorder:
     """Appends one result per case and rewrites ``path`` each time (partial runs keep data)."""
 
@@ -73,12 +81,17 @@ def run_jax(args) -> None:
         "side": "jax", "device": dev.device_kind, "platform": dev.platform,
         "jax": jax.__version__, "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"), "image_size": args.image_size, "model": args.model,
+        "depthwise_grad": args.depthwise_grad,
     })
     start = time.perf_counter()
     size = args.image_size
-    for mode, batch, dtype in CASES:
-        if args.dtype and dtype != args.dtype:
-            continue
+    if args.depthwise_grad == "autodiff":
+        # XLA's own kernel gradient (a batch-grouped convolution: cuDNN's filter gradient on GPU)
+        # in place of the library's folded per-tap form, to compare the two on this device.
+        from effdet_jax.models import layers
+
+        layers.depthwise_lax_vjp = layers._depthwise_lax
+    for mode, batch, dtype in selected_cases(args):
         if time.perf_counter() - start > args.budget_s:
             print(f"budget exceeded, skipping {mode} b{batch} {dtype}", flush=True)
             continue
@@ -143,7 +156,7 @@ def run_torch(args) -> None:
         if dev.type == "cuda":
             torch.cuda.synchronize()
 
-    for mode, batch, dtype in CASES:
+    for mode, batch, dtype in selected_cases(args):
         torch.manual_seed(0)
         task = {"train": "train", "e2e": "predict"}.get(mode, "")
         model = effdet.create_model(
@@ -216,7 +229,10 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--dtype", help="only the cases of this dtype (jax side)")
+    parser.add_argument("--dtype", help="only the cases of this dtype")
+    parser.add_argument("--cases", help="only these cases, e.g. train:4:float32,train:8:float32")
+    parser.add_argument("--depthwise-grad", choices=["library", "autodiff"], default="library",
+                        help="jax side: the library's folded depthwise kernel gradient or XLA's")
     parser.add_argument("--budget-s", type=float, default=1e9)
     parser.add_argument("--table", nargs=2, metavar=("JAX_JSON", "TORCH_JSON"))
     args = parser.parse_args()
