@@ -1,6 +1,8 @@
 """Config files load, validate, and bad keys/values fail early with the key and allowed values."""
 
+import os
 import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -95,3 +97,18 @@ def test_bad_values_fail_naming_key_and_allowed(key, value, allowed):
     message = str(info.value)
     assert allowed in message, message
     assert key.split(".")[0] in message, message
+
+
+def test_configs_and_train_step_do_not_import_tensorflow():
+    """Building an experiment from a config needs no TensorFlow (only the input pipeline does), so
+    it stays cheap to import and runs where TensorFlow is not installed (e.g. a GPU image)."""
+    root = CONFIG_DIR.parent
+    code = (
+        "import sys; import configs.d3; from effdet_jax.train import experiment; "
+        "from effdet_jax import data; data.validate_data_config; "
+        "assert 'tensorflow' not in sys.modules, 'tensorflow was imported'; "
+        "data.make_train_pipeline; assert 'tensorflow' in sys.modules"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                            env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-2000:]
