@@ -111,3 +111,12 @@ def test_reexec_restarts_the_same_command_once_with_the_allocator(opt_out):
     assert cpu_malloc.has_cpu_malloc(final_env) is not opt_out
     if not opt_out:
         assert final_env == cpu_malloc.cpu_malloc_env(env, cpu_malloc.find_allocator())
+
+
+def test_importing_cpu_malloc_loads_no_jax():
+    """main.py imports it and re-executes before anything heavy: the package's model exports are
+    lazy, so nothing (JAX, flax, the models) is loaded only to be thrown away."""
+    code = ("import sys; from effdet_jax import cpu_malloc; "
+            "assert 'jax' not in sys.modules, 'jax was imported'; "
+            "import effdet_jax; effdet_jax.efficientdet; assert 'jax' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
