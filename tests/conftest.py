@@ -60,3 +60,16 @@ def load_torch_reference(name: str) -> dict[str, np.ndarray]:
         pytest.skip(message)
     with np.load(path) as data:
         return {k: data[k] for k in data.files}
+
+
+def require_cpu_depthwise_kernel() -> None:
+    """Skips the caller when the FFI depthwise kernel cannot be built here (no C++ compiler);
+    ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead."""
+    from effdet_jax.kernels import depthwise_cpu
+
+    reason = depthwise_cpu.unavailable_reason()
+    if reason:
+        message = f"CPU depthwise kernel unavailable: {reason}"
+        if os.environ.get("EFFDET_JAX_REQUIRE_CPU_KERNEL") == "1":
+            pytest.fail(message)
+        pytest.skip(message)

@@ -123,7 +123,7 @@ class EfficientNet(nn.Module):
       features_only: return the stride endpoints instead of logits; head conv and classifier are
         not built.
       dtype: computation dtype (float32, bfloat16, float16); params and BN statistics stay float32.
-      depthwise_impl: ``auto`` | ``lax`` | ``shift_add`` (see ``layers.depthwise_conv``).
+      depthwise_impl: ``auto`` | ``lax`` | ``shift_add`` | ``cpu_ffi`` (see ``layers.depthwise_conv``).
       axis_name: BN cross-device axis, only for ``shard_map``/``pmap`` code.
       remat: rematerialise each block in the backward pass (saves memory).
     """

@@ -30,7 +30,7 @@ dense_kernel_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_out", "unif
 BN_MOMENTUM = 0.99
 BN_EPSILON = 1e-3
 
-DEPTHWISE_IMPLS = ("auto", "lax", "shift_add")
+DEPTHWISE_IMPLS = ("auto", "lax", "shift_add", "cpu_ffi")
 
 
 def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> tuple[int, int]:
@@ -76,13 +76,21 @@ def batch_norm(
     )
 
 
-def resolve_depthwise_impl(impl: str) -> str:
-    """'auto' picks shift-and-add on CPU (XLA's grouped conv is 15-20x slower there) and lax's
-    grouped convolution on GPU/TPU."""
+def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
+    """The depthwise implementation that ``impl`` means for activations of ``dtype``.
+
+    ``auto`` picks, on CPU, the hand-written FFI kernel (``cpu_ffi``, float32, when it builds) and
+    otherwise shift-and-add (XLA's grouped conv is 15-20x slower there); on GPU / TPU it picks lax's
+    grouped convolution.
+    """
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"unknown depthwise_impl {impl!r}; allowed: {DEPTHWISE_IMPLS}")
     if impl == "auto":
-        return "shift_add" if jax.default_backend() == "cpu" else "lax"
+        if jax.default_backend() != "cpu":
+            return "lax"
+        from effdet_jax.kernels import depthwise_cpu
+
+        return "cpu_ffi" if jnp.dtype(dtype) == jnp.float32 and depthwise_cpu.available() else "shift_add"
     return impl
 
 
@@ -96,11 +104,13 @@ def depthwise_conv(
       kernel: ``[kh, kw, 1, C]``.
       stride: spatial stride (same on both axes).
       impl: ``lax`` (grouped ``conv_general_dilated``), ``shift_add`` (a sum over the kh*kw taps of
-        strided input slices times per-channel weights) or ``auto``. Both give the same result.
+        strided input slices times per-channel weights), ``cpu_ffi`` (a hand-written XLA:CPU kernel,
+        float32; ``effdet_jax.kernels.depthwise_cpu``) or ``auto``. All give the same result to
+        float32 rounding.
     Returns:
       ``[N, ceil(H/stride), ceil(W/stride), C]``.
     """
-    impl = resolve_depthwise_impl(impl)
+    impl = resolve_depthwise_impl(impl, x.dtype)
     kh, kw = kernel.shape[0], kernel.shape[1]
     pads = (
         tf_same_padding(x.shape[1], kh, stride, dilation),
@@ -108,7 +118,36 @@ def depthwise_conv(
     )
     if impl == "lax":
         return depthwise_lax_vjp(x, kernel, stride, pads, dilation)
+    if impl == "cpu_ffi":
+        return depthwise_cpu_ffi_vjp(x, kernel, stride, pads, dilation)
     return depthwise_shift_add_vjp(x, kernel, stride, pads, dilation)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def depthwise_cpu_ffi_vjp(x, kernel, stride, pads, dilation):
+    """The hand-written XLA:CPU kernels: forward, input gradient and kernel gradient each one
+    pass (2.4x / 3.2x faster than shift-and-add's forward / backward on D0's backbone shapes)."""
+    from effdet_jax.kernels import depthwise_cpu
+
+    return depthwise_cpu.forward(x, kernel, stride, pads, dilation)
+
+
+def _depthwise_cpu_ffi_fwd(x, kernel, stride, pads, dilation):
+    from effdet_jax.kernels import depthwise_cpu
+
+    return depthwise_cpu.forward(x, kernel, stride, pads, dilation), (x, kernel)
+
+
+def _depthwise_cpu_ffi_bwd(stride, pads, dilation, residuals, g):
+    from effdet_jax.kernels import depthwise_cpu
+
+    x, kernel = residuals
+    gx = depthwise_cpu.input_grad(g, kernel, x.shape[1:3], stride, pads, dilation)
+    gk = depthwise_cpu.kernel_grad(x, g, kernel.shape[:2], stride, pads, dilation)
+    return gx, gk
+
+
+depthwise_cpu_ffi_vjp.defvjp(_depthwise_cpu_ffi_fwd, _depthwise_cpu_ffi_bwd)
 
 
 def _depthwise_lax(x, kernel, stride, pads, dilation):

@@ -71,7 +71,7 @@ class EfficientDetConfig:
       head_drop_connect_rate: None = automl's default heads (no residual). A number adds automl's head
         residual for repeats after the first, with that drop-connect rate in training.
       dtype: computation dtype name; params, BN statistics and outputs stay float32.
-      depthwise_impl: ``auto`` | ``lax`` | ``shift_add``.
+      depthwise_impl: ``auto`` | ``lax`` | ``shift_add`` | ``cpu_ffi`` (see ``layers.depthwise_conv``).
       remat: rematerialise backbone blocks and BiFPN cells in the backward pass.
     """
 
@@ -115,7 +115,7 @@ class EfficientDetConfig:
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
             ("dtype", self.dtype, DTYPES),
             ("activation", self.activation, ("swish", "silu", "relu6", "relu", "gelu")),
-            ("depthwise_impl", self.depthwise_impl, ("auto", "lax", "shift_add")),
+            ("depthwise_impl", self.depthwise_impl, ("auto", "lax", "shift_add", "cpu_ffi")),
         ]
         for key, value, allowed in checks:
             if value not in allowed:

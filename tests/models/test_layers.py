@@ -5,7 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
+from conftest import require_cpu_depthwise_kernel
 
+from effdet_jax.kernels import depthwise_cpu
 from effdet_jax.models import layers
 
 
@@ -22,8 +24,10 @@ def test_conv2d_matches_tf_same(size, kernel, stride):
 
 @pytest.mark.parametrize("size", [7, 8, 15, 16])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
-@pytest.mark.parametrize("impl", ["lax", "shift_add"])
+@pytest.mark.parametrize("impl", ["lax", "shift_add", "cpu_ffi"])
 def test_depthwise_matches_tf_same(size, kernel, stride, impl):
+    if impl == "cpu_ffi":
+        require_cpu_depthwise_kernel()
     rng = np.random.default_rng(size + kernel * 7 + stride)
     x = rng.standard_normal((2, size, size + 3, 5)).astype(np.float32)
     w = rng.standard_normal((kernel, kernel, 1, 5)).astype(np.float32)
@@ -52,14 +56,16 @@ def test_depthwise_impls_have_identical_gradients(stride):
         return jnp.sum(y * t)
 
     g_ref = jax.grad(autodiff_reference, argnums=(0, 1))(x, w)
-    for impl in ("lax", "shift_add"):
+    for impl in ("lax", "shift_add") + (("cpu_ffi",) if depthwise_cpu.available() else ()):
         grads = jax.grad(loss(impl), argnums=(0, 1))(x, w)
         for a, b in zip(grads, g_ref, strict=True):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("impl", ["lax", "shift_add"])
+@pytest.mark.parametrize("impl", ["lax", "shift_add", "cpu_ffi"])
 def test_depthwise_gradients_on_a_data_by_model_mesh(impl):
+    if impl == "cpu_ffi":
+        require_cpu_depthwise_kernel()
     """Batch sharded over ``data`` of a 4x2 mesh, kernel replicated: the kernel gradient must be
     the single-device one. (Autodiff of XLA's grouped conv gave exactly 2x it here: the SPMD
     partitioner summed the batch reduction over the ``model`` axis too.)"""
@@ -82,9 +88,10 @@ def test_depthwise_gradients_on_a_data_by_model_mesh(impl):
 
 
 def test_depthwise_impl_auto_and_bad_value():
-    assert layers.resolve_depthwise_impl("auto") in ("lax", "shift_add")
+    assert layers.resolve_depthwise_impl("auto") in ("lax", "shift_add", "cpu_ffi")
     if jax.default_backend() == "cpu":
-        assert layers.resolve_depthwise_impl("auto") == "shift_add"
+        expected = "cpu_ffi" if depthwise_cpu.available() else "shift_add"
+        assert layers.resolve_depthwise_impl("auto") == expected
     with pytest.raises(ValueError, match="depthwise_impl"):
         layers.resolve_depthwise_impl("fft")
 

@@ -1,0 +1,1 @@
+"""Hand-written XLA:CPU kernels, called through the XLA FFI and compiled on first use."""

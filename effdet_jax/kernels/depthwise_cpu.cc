@@ -1,0 +1,307 @@
+// Depthwise convolution for XLA:CPU through the XLA FFI: forward, input gradient and kernel
+// gradient, each one pass over its tensors.
+//
+// Layouts: x [N, H, W, C], kernel [KH, KW, 1, C], y / g [N, OH, OW, C], all float32, row-major.
+// Geometry follows TF "SAME" with explicit pads: y[n, i, j, c] = sum_{a, b}
+//   x[n, i*s + a*d - pad_top, j*s + b*d - pad_left, c] * kernel[a, b, 0, c], zero outside x.
+//
+// Why this exists: XLA:CPU lowers the shift-and-add depthwise formulation to one strided slice
+// fusion per tap, and its kernel gradient to a multiply and a reduction over the major axes;
+// together they were 28 % of the EfficientDet-D0 train step (benchmarks/RESULTS.md). Here each
+// output vector of 8 channels is accumulated in a register over all taps.
+//
+// Threads: work is split into rows (or fixed row chunks for the kernel gradient) taken from an
+// atomic counter by the calling thread and by helpers on XLA's intra-op thread pool. Results do
+// not depend on the number of threads: every output element is summed in a fixed order, and the
+// kernel gradient's per-chunk partial sums are added in chunk order.
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// An unaligned 8-float vector (GCC / Clang vector extension); compiles to AVX loads and FMAs
+// with -mavx2 -mfma, and to pairs of SSE operations otherwise.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+inline v8 Load(const float* p) { return *reinterpret_cast<const v8*>(p); }
+inline void Store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
+
+struct Geometry {
+  int64_t n, h, w, c;  // input
+  int64_t oh, ow;      // output
+  int64_t kh, kw, stride, dilation, pad_top, pad_left;
+};
+
+// Runs body(0) .. body(count - 1) on the calling thread and on helpers from XLA's pool. The
+// caller waits for tasks that helpers have claimed; a helper that starts after all tasks are
+// claimed touches only the shared counters, never `body`.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& body) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* fn = &body;
+  auto work = [state, count, fn]() {
+    for (int64_t i = state->next.fetch_add(1); i < count; i = state->next.fetch_add(1)) {
+      (*fn)(i);
+      if (state->done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == count; });
+}
+
+// First and one-past-last output column j with 0 <= j*s + offset < width (kernel gradient).
+inline void ValidColumns(int64_t offset, int64_t stride, int64_t width, int64_t out_w, int64_t* begin,
+                         int64_t* end) {
+  *begin = offset >= 0 ? 0 : (-offset + stride - 1) / stride;
+  *end = width - 1 - offset < 0 ? 0 : std::min(out_w, (width - 1 - offset) / stride + 1);
+  if (*end < *begin) *end = *begin;
+}
+
+// Taps are at most kMaxTaps per axis (EfficientDet uses 3 and 5).
+constexpr int64_t kMaxTaps = 16;
+
+// Accumulates, for each block of 8 channels of one output vector, the products of `rows` x `cols`
+// tap pairs in a register: out[ch] = sum_{r, q} src[r][q][ch] * weights[r][q][ch].
+inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, const int64_t* row_tap,
+                           int cols, const int64_t* col_offset, const int64_t* col_tap, int64_t kw,
+                           const float* k, float* __restrict out) {
+  int64_t ch = 0;
+  for (; ch + 8 <= c; ch += 8) {
+    v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int r = 0; r < rows; ++r) {
+      const float* src = src_rows[r] + ch;
+      const float* wrow = k + row_tap[r] * kw * c + ch;
+      for (int q = 0; q < cols; ++q) acc += Load(src + col_offset[q]) * Load(wrow + col_tap[q] * c);
+    }
+    Store(out + ch, acc);
+  }
+  for (; ch < c; ++ch) {
+    float acc = 0.f;
+    for (int r = 0; r < rows; ++r) {
+      for (int q = 0; q < cols; ++q) {
+        acc += src_rows[r][col_offset[q] + ch] * k[(row_tap[r] * kw + col_tap[q]) * c + ch];
+      }
+    }
+    out[ch] = acc;
+  }
+}
+
+// y row (n, i): y[n, i, j, :] = sum over taps (a, b) inside x of x[n, i*s + a*d - pt, j*s + b*d - pl, :]
+// * k[a, b, 0, :].
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
+  const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
+  const float* src_rows[kMaxTaps];
+  int64_t row_tap[kMaxTaps], col_offset[kMaxTaps], col_tap[kMaxTaps];
+  int rows = 0;
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t iy = i * g.stride + a * g.dilation - g.pad_top;
+    if (iy < 0 || iy >= g.h) continue;
+    src_rows[rows] = x + (n * g.h + iy) * g.w * c;
+    row_tap[rows++] = a;
+  }
+  float* yrow = y + row * g.ow * c;
+  for (int64_t j = 0; j < g.ow; ++j) {
+    int cols = 0;
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t ix = j * g.stride + b * g.dilation - g.pad_left;
+      if (ix < 0 || ix >= g.w) continue;
+      col_offset[cols] = ix * c;
+      col_tap[cols++] = b;
+    }
+    AccumulateTaps(c, rows, src_rows, row_tap, cols, col_offset, col_tap, g.kw, k, yrow + j * c);
+  }
+}
+
+// dx row (n, u): dx[n, u, v, :] = sum over taps (a, b) and output pixels (i, j) with
+// i*s + a*d - pt = u and j*s + b*d - pl = v of g[n, i, j, :] * k[a, b, 0, :].
+void InputGradRow(const Geometry& g, const float* dy, const float* k, float* dx, int64_t row) {
+  const int64_t n = row / g.h, u = row % g.h, c = g.c;
+  const float* src_rows[kMaxTaps];
+  int64_t row_tap[kMaxTaps], col_offset[kMaxTaps], col_tap[kMaxTaps];
+  int rows = 0;
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t num = u + g.pad_top - a * g.dilation;
+    if (num < 0 || num % g.stride != 0 || num / g.stride >= g.oh) continue;
+    src_rows[rows] = dy + (n * g.oh + num / g.stride) * g.ow * c;
+    row_tap[rows++] = a;
+  }
+  float* dxrow = dx + row * g.w * c;
+  for (int64_t v = 0; v < g.w; ++v) {
+    int cols = 0;
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t num = v + g.pad_left - b * g.dilation;
+      if (num < 0 || num % g.stride != 0 || num / g.stride >= g.ow) continue;
+      col_offset[cols] = (num / g.stride) * c;
+      col_tap[cols++] = b;
+    }
+    AccumulateTaps(c, rows, src_rows, row_tap, cols, col_offset, col_tap, g.kw, k, dxrow + v * c);
+  }
+}
+
+// Adds sum_{j} x[n, i*s + a*d - pad_top, j*s + b*d - pad_left, :] * g[n, i, j, :] to
+// partial[a, b, :] for one output row.
+void KernelGradRow(const Geometry& g, const float* x, const float* dy, float* partial, int64_t row) {
+  const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
+  const float* grow = dy + row * g.ow * c;
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t iy = i * g.stride + a * g.dilation - g.pad_top;
+    if (iy < 0 || iy >= g.h) continue;
+    const float* xrow = x + (n * g.h + iy) * g.w * c;
+    for (int64_t b = 0; b < g.kw; ++b) {
+      const int64_t offset = b * g.dilation - g.pad_left;
+      int64_t j0, j1;
+      ValidColumns(offset, g.stride, g.w, g.ow, &j0, &j1);
+      float* acc = partial + (a * g.kw + b) * c;
+      int64_t ch = 0;
+      for (; ch + 8 <= c; ch += 8) {
+        v8 sum = Load(acc + ch);
+        for (int64_t j = j0; j < j1; ++j) {
+          sum += Load(xrow + (j * g.stride + offset) * c + ch) * Load(grow + j * c + ch);
+        }
+        Store(acc + ch, sum);
+      }
+      for (; ch < c; ++ch) {
+        float sum = acc[ch];
+        for (int64_t j = j0; j < j1; ++j) sum += xrow[(j * g.stride + offset) * c + ch] * grow[j * c + ch];
+        acc[ch] = sum;
+      }
+    }
+  }
+}
+
+ffi::Error MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> k_dims,
+                        ffi::Span<const int64_t> y_dims, int64_t stride, int64_t dilation,
+                        int64_t pad_top, int64_t pad_left, Geometry* g) {
+  if (x_dims.size() != 4 || k_dims.size() != 4 || y_dims.size() != 4) {
+    return ffi::Error::InvalidArgument("depthwise: x, kernel and y must have rank 4");
+  }
+  *g = Geometry{x_dims[0], x_dims[1], x_dims[2], x_dims[3], y_dims[1], y_dims[2],
+                k_dims[0], k_dims[1], stride, dilation, pad_top, pad_left};
+  if (k_dims[2] != 1 || k_dims[3] != g->c || y_dims[0] != g->n || y_dims[3] != g->c) {
+    return ffi::Error::InvalidArgument("depthwise: shapes of x, kernel and y do not agree");
+  }
+  if (stride < 1 || dilation < 1) return ffi::Error::InvalidArgument("depthwise: bad stride");
+  if (g->kh > kMaxTaps || g->kw > kMaxTaps) {
+    return ffi::Error::InvalidArgument("depthwise: kernels up to 16 x 16 are supported");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation, int64_t pad_top,
+                   int64_t pad_left) {
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), kernel.dimensions(), y->dimensions(), stride, dilation,
+                            pad_top, pad_left, &g);
+      e.failure()) {
+    return e;
+  }
+  const float* xp = x.typed_data();
+  const float* kp = kernel.typed_data();
+  float* yp = y->typed_data();
+  ParallelFor(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row); });
+  return ffi::Error::Success();
+}
+
+ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer<ffi::F32> kernel,
+                     ffi::ResultBuffer<ffi::F32> dx, int64_t stride, int64_t dilation, int64_t pad_top,
+                     int64_t pad_left) {
+  Geometry g;
+  if (auto e = MakeGeometry(dx->dimensions(), kernel.dimensions(), dy.dimensions(), stride, dilation,
+                            pad_top, pad_left, &g);
+      e.failure()) {
+    return e;
+  }
+  const float* gp = dy.typed_data();
+  const float* kp = kernel.typed_data();
+  float* xp = dx->typed_data();
+  ParallelFor(pool, g.n * g.h, [&](int64_t row) { InputGradRow(g, gp, kp, xp, row); });
+  return ffi::Error::Success();
+}
+
+// Each image's output rows are split into a fixed number of chunks (not one per thread) so that
+// the sum, and so the result, is the same whatever the thread count. The result is per image,
+// dk [N, KH, KW, C]; the caller sums it over the batch (in XLA, so that a batch sharded over
+// devices ends in the usual gradient all-reduce).
+constexpr int64_t kKernelGradChunks = 8;
+
+ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> dy,
+                      ffi::ResultBuffer<ffi::F32> dk, int64_t stride, int64_t dilation, int64_t pad_top,
+                      int64_t pad_left) {
+  const auto k_dims = dk->dimensions();
+  if (k_dims.size() != 4) return ffi::Error::InvalidArgument("depthwise: dk must be [N, KH, KW, C]");
+  const int64_t kernel_dims[4] = {k_dims[1], k_dims[2], 1, k_dims[3]};
+  Geometry g;
+  if (auto e = MakeGeometry(x.dimensions(), ffi::Span<const int64_t>(kernel_dims, 4), dy.dimensions(),
+                            stride, dilation, pad_top, pad_left, &g);
+      e.failure()) {
+    return e;
+  }
+  if (k_dims[0] != g.n) return ffi::Error::InvalidArgument("depthwise: dk batch differs from x");
+  const int64_t chunks = std::max<int64_t>(1, std::min(g.oh, kKernelGradChunks));
+  const int64_t taps = g.kh * g.kw * g.c;
+  std::vector<float> partial(g.n * chunks * taps, 0.f);
+  const float* xp = x.typed_data();
+  const float* gp = dy.typed_data();
+  ParallelFor(pool, g.n * chunks, [&](int64_t task) {
+    const int64_t n = task / chunks, chunk = task % chunks;
+    float* acc = partial.data() + task * taps;
+    for (int64_t i = chunk * g.oh / chunks; i < (chunk + 1) * g.oh / chunks; ++i) {
+      KernelGradRow(g, xp, gp, acc, n * g.oh + i);
+    }
+  });
+  float* out = dk->typed_data();
+  for (int64_t n = 0; n < g.n; ++n) {
+    float* o = out + n * taps;
+    const float* p = partial.data() + n * chunks * taps;
+    std::memcpy(o, p, sizeof(float) * taps);
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      for (int64_t t = 0; t < taps; ++t) o[t] += p[chunk * taps + t];
+    }
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+#define EFFDET_DEPTHWISE_BINDING(first, second, result)       \
+  ffi::Ffi::Bind()                                          \
+      .Ctx<ffi::ThreadPool>()                               \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Arg<ffi::Buffer<ffi::F32>>()                         \
+      .Ret<ffi::Buffer<ffi::F32>>()                         \
+      .Attr<int64_t>("stride")                              \
+      .Attr<int64_t>("dilation")                            \
+      .Attr<int64_t>("pad_top")                             \
+      .Attr<int64_t>("pad_left")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseForward, Forward, EFFDET_DEPTHWISE_BINDING(x, k, y));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseInputGrad, InputGrad, EFFDET_DEPTHWISE_BINDING(g, k, dx));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseKernelGrad, KernelGrad, EFFDET_DEPTHWISE_BINDING(x, g, dk));
