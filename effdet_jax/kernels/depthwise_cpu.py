@@ -43,6 +43,7 @@ _TARGETS = {
     "effdet_depthwise_kernel_grad": "EffdetDepthwiseKernelGrad",
 }
 Pads = tuple[tuple[int, int], tuple[int, int]]
+MAX_KERNEL_SIZE = 16  # kMaxTaps in depthwise_cpu.cc
 
 
 def _compiler() -> str | None:
@@ -189,8 +190,7 @@ def _forward_fn(stride: int, pads: Pads, dilation: int, out_hw: tuple[int, int])
         shape = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype)
         return jax.ffi.ffi_call("effdet_depthwise_forward", shape)(x, kernel, **attrs)
 
-    return _partitioned(
-        body, ("image", "kernel"), "image", "n h w c, a b o c -> n i j c")
+    return _partitioned(body, ("image", "kernel"), "image", "n h w c, a b o c -> n i j c")
 
 
 @functools.cache
@@ -201,8 +201,7 @@ def _input_grad_fn(stride: int, pads: Pads, dilation: int, in_hw: tuple[int, int
         shape = jax.ShapeDtypeStruct((g.shape[0], *in_hw, g.shape[3]), g.dtype)
         return jax.ffi.ffi_call("effdet_depthwise_input_grad", shape)(g, kernel, **attrs)
 
-    return _partitioned(
-        body, ("image", "kernel"), "image", "n i j c, a b o c -> n h w c")
+    return _partitioned(body, ("image", "kernel"), "image", "n i j c, a b o c -> n h w c")
 
 
 @functools.cache
@@ -220,10 +219,20 @@ def _kernel_grad_fn(stride: int, pads: Pads, dilation: int, kernel_hw: tuple[int
 def _check(x: jax.Array, kernel: jax.Array) -> None:
     if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != 1 or kernel.shape[3] != x.shape[3]:
         raise ValueError(f"depthwise: x {x.shape} must be [N,H,W,C] and kernel {kernel.shape} [kh,kw,1,C]")
+    if max(kernel.shape[:2]) > MAX_KERNEL_SIZE:
+        raise ValueError(
+            f"depthwise_impl='cpu_ffi' takes kernels up to {MAX_KERNEL_SIZE}x{MAX_KERNEL_SIZE}, got "
+            f"{kernel.shape[0]}x{kernel.shape[1]}; use depthwise_impl='shift_add'"
+        )
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(
             f"depthwise_impl='cpu_ffi' takes float32 only (got {x.dtype}, {kernel.dtype}); "
             "use depthwise_impl='auto' or 'shift_add' for other dtypes"
+        )
+    if jax.default_backend() != "cpu":
+        raise ValueError(
+            f"depthwise_impl='cpu_ffi' runs on CPU only (the default backend is {jax.default_backend()}); "
+            "use depthwise_impl='auto' or 'lax'"
         )
     reason = unavailable_reason()
     if reason:

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 from flax import linen as nn
 from jax import lax
 
+from effdet_jax.kernels import depthwise_cpu
+
 Dtype = Any
 
 # Official EfficientNet initialisers: conv kernels N(0, 2/fan_out) with fan_out = kh*kw*out (for a
@@ -88,8 +90,6 @@ def resolve_depthwise_impl(impl: str, dtype: Any = jnp.float32) -> str:
     if impl == "auto":
         if jax.default_backend() != "cpu":
             return "lax"
-        from effdet_jax.kernels import depthwise_cpu
-
         return "cpu_ffi" if jnp.dtype(dtype) == jnp.float32 and depthwise_cpu.available() else "shift_add"
     return impl
 
@@ -126,21 +126,16 @@ def depthwise_conv(
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def depthwise_cpu_ffi_vjp(x, kernel, stride, pads, dilation):
     """The hand-written XLA:CPU kernels: forward, input gradient and kernel gradient each one
-    pass (2.4x / 3.2x faster than shift-and-add's forward / backward on D0's backbone shapes)."""
-    from effdet_jax.kernels import depthwise_cpu
-
+    pass. On D0's backbone shapes the backward is 2.5x faster than shift-and-add's and the forward
+    about as fast (both memory-bound); see benchmarks/RESULTS.md."""
     return depthwise_cpu.forward(x, kernel, stride, pads, dilation)
 
 
 def _depthwise_cpu_ffi_fwd(x, kernel, stride, pads, dilation):
-    from effdet_jax.kernels import depthwise_cpu
-
     return depthwise_cpu.forward(x, kernel, stride, pads, dilation), (x, kernel)
 
 
 def _depthwise_cpu_ffi_bwd(stride, pads, dilation, residuals, g):
-    from effdet_jax.kernels import depthwise_cpu
-
     x, kernel = residuals
     gx = depthwise_cpu.input_grad(g, kernel, x.shape[1:3], stride, pads, dilation)
     gk = depthwise_cpu.kernel_grad(x, g, kernel.shape[:2], stride, pads, dilation)

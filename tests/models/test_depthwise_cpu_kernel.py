@@ -130,6 +130,8 @@ def test_auto_picks_the_kernel_for_float32_only():
     x, w = _inputs((1, 8, 8, 8), 3)
     with pytest.raises(ValueError, match="float32 only"):
         layers.depthwise_conv(jnp.asarray(x, jnp.bfloat16), jnp.asarray(w, jnp.bfloat16), 1, "cpu_ffi")
+    with pytest.raises(ValueError, match="kernels up to 16x16"):
+        layers.depthwise_conv(jnp.asarray(x), jnp.ones((17, 17, 1, 8)), 1, "cpu_ffi")
 
 
 def test_without_a_compiler_auto_falls_back_and_explicit_use_says_why(tmp_path):
