@@ -291,17 +291,18 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
 
 }  // namespace
 
-#define EFFDET_DEPTHWISE_BINDING(first, second, result)       \
-  ffi::Ffi::Bind()                                          \
-      .Ctx<ffi::ThreadPool>()                               \
-      .Arg<ffi::Buffer<ffi::F32>>()                         \
-      .Arg<ffi::Buffer<ffi::F32>>()                         \
-      .Ret<ffi::Buffer<ffi::F32>>()                         \
-      .Attr<int64_t>("stride")                              \
-      .Attr<int64_t>("dilation")                            \
-      .Attr<int64_t>("pad_top")                             \
+// The three handlers share one signature: two float32 operands, one result, four attributes.
+#define EFFDET_DEPTHWISE_BINDING \
+  ffi::Ffi::Bind()               \
+      .Ctx<ffi::ThreadPool>()    \
+      .Arg<ffi::Buffer<ffi::F32>>() \
+      .Arg<ffi::Buffer<ffi::F32>>() \
+      .Ret<ffi::Buffer<ffi::F32>>() \
+      .Attr<int64_t>("stride")   \
+      .Attr<int64_t>("dilation") \
+      .Attr<int64_t>("pad_top")  \
       .Attr<int64_t>("pad_left")
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseForward, Forward, EFFDET_DEPTHWISE_BINDING(x, k, y));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseInputGrad, InputGrad, EFFDET_DEPTHWISE_BINDING(g, k, dx));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseKernelGrad, KernelGrad, EFFDET_DEPTHWISE_BINDING(x, g, dk));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseForward, Forward, EFFDET_DEPTHWISE_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseInputGrad, InputGrad, EFFDET_DEPTHWISE_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetDepthwiseKernelGrad, KernelGrad, EFFDET_DEPTHWISE_BINDING);

@@ -151,9 +151,9 @@ def _batch_and_channel_sharding(arg_shape) -> tuple:
     return spec[0], spec[3]
 
 
-def _partitioned(body, operand_kinds: tuple[str, str], result_kind: str, rule: str):
-    """``custom_partitioning`` of a per-image operation: every operand and the result keep the
-    batch and channel sharding of the first operand; kernel-shaped operands only the channel's.
+def _partitioned(body, operand_kinds: tuple[str, str], rule: str):
+    """``custom_partitioning`` of a per-image operation: image-shaped operands and the result keep
+    the batch and channel sharding of the first operand; kernel-shaped operands only the channel's.
     ``rule`` names the batch factor ``n`` and the channel factor ``c``; every other factor (the
     spatial and kernel axes) must stay whole on each device."""
     # Shardy wants the need-replication factors in the order they first appear in the rule.
@@ -166,11 +166,11 @@ def _partitioned(body, operand_kinds: tuple[str, str], result_kind: str, rule: s
     def partition(mesh, arg_shapes, result_shape):
         batch, channel = _batch_and_channel_sharding(arg_shapes[0])
         args = tuple(NamedSharding(mesh, spec(kind, batch, channel)) for kind in operand_kinds)
-        return mesh, body, NamedSharding(mesh, spec(result_kind, batch, channel)), args
+        return mesh, body, NamedSharding(mesh, spec("image", batch, channel)), args
 
     def infer(mesh, arg_shapes, result_shape):
         batch, channel = _batch_and_channel_sharding(arg_shapes[0])
-        return NamedSharding(mesh, spec(result_kind, batch, channel))
+        return NamedSharding(mesh, spec("image", batch, channel))
 
     wrapped = custom_partitioning(body)
     wrapped.def_partition(
@@ -183,37 +183,17 @@ def _partitioned(body, operand_kinds: tuple[str, str], result_kind: str, rule: s
 
 
 @functools.cache
-def _forward_fn(stride: int, pads: Pads, dilation: int, out_hw: tuple[int, int]):
+def _operation(target: str, operand_kinds: tuple[str, str], rule: str, stride: int, pads: Pads,
+               dilation: int, result_hw: tuple[int, int]):
+    """One FFI target as a partitioned function of two operands. Every result is
+    ``[N, *result_hw, C]`` with N and C of the first operand (the kernel gradient is per image)."""
     attrs = _attributes(stride, pads, dilation)
 
-    def body(x, kernel):
-        shape = jax.ShapeDtypeStruct((x.shape[0], *out_hw, x.shape[3]), x.dtype)
-        return jax.ffi.ffi_call("effdet_depthwise_forward", shape)(x, kernel, **attrs)
+    def body(first, second):
+        shape = jax.ShapeDtypeStruct((first.shape[0], *result_hw, first.shape[3]), first.dtype)
+        return jax.ffi.ffi_call(target, shape)(first, second, **attrs)
 
-    return _partitioned(body, ("image", "kernel"), "image", "n h w c, a b o c -> n i j c")
-
-
-@functools.cache
-def _input_grad_fn(stride: int, pads: Pads, dilation: int, in_hw: tuple[int, int]):
-    attrs = _attributes(stride, pads, dilation)
-
-    def body(g, kernel):
-        shape = jax.ShapeDtypeStruct((g.shape[0], *in_hw, g.shape[3]), g.dtype)
-        return jax.ffi.ffi_call("effdet_depthwise_input_grad", shape)(g, kernel, **attrs)
-
-    return _partitioned(body, ("image", "kernel"), "image", "n i j c, a b o c -> n h w c")
-
-
-@functools.cache
-def _kernel_grad_fn(stride: int, pads: Pads, dilation: int, kernel_hw: tuple[int, int]):
-    attrs = _attributes(stride, pads, dilation)
-
-    def body(x, g):
-        shape = jax.ShapeDtypeStruct((x.shape[0], *kernel_hw, x.shape[3]), x.dtype)
-        return jax.ffi.ffi_call("effdet_depthwise_kernel_grad", shape)(x, g, **attrs)
-
-    # The per-image result is laid out like an image ([N, kh, kw, C]) to share the partitioning.
-    return _partitioned(body, ("image", "image"), "image", "n h w c, n i j c -> n a b c")
+    return _partitioned(body, operand_kinds, rule)
 
 
 def _check(x: jax.Array, kernel: jax.Array) -> None:
@@ -252,7 +232,9 @@ def forward(x: jax.Array, kernel: jax.Array, stride: int, pads: Pads, dilation: 
         output_size(x.shape[1], kh, stride, pads[0], dilation),
         output_size(x.shape[2], kw, stride, pads[1], dilation),
     )
-    return _forward_fn(stride, pads, dilation, out_hw)(x, kernel)
+    forward_op = _operation("effdet_depthwise_forward", ("image", "kernel"), "n h w c, a b o c -> n i j c",
+                            stride, pads, dilation, out_hw)
+    return forward_op(x, kernel)
 
 
 def input_grad(
@@ -261,12 +243,16 @@ def input_grad(
     """The gradient of :func:`forward` with respect to ``x`` (``[N, *in_hw, C]``) for the output
     gradient ``g`` ``[N, OH, OW, C]``."""
     _check(g, kernel)
-    return _input_grad_fn(stride, pads, dilation, tuple(in_hw))(g, kernel)
+    input_grad_op = _operation("effdet_depthwise_input_grad", ("image", "kernel"),
+                               "n i j c, a b o c -> n h w c", stride, pads, dilation, tuple(in_hw))
+    return input_grad_op(g, kernel)
 
 
 def kernel_grad(
     x: jax.Array, g: jax.Array, kernel_hw: tuple[int, int], stride: int, pads: Pads, dilation: int = 1
 ) -> jax.Array:
     """The gradient of :func:`forward` with respect to the kernel, ``[kh, kw, 1, C]``."""
-    per_image = _kernel_grad_fn(stride, pads, dilation, tuple(kernel_hw))(x, g)
+    kernel_grad_op = _operation("effdet_depthwise_kernel_grad", ("image", "image"),
+                                "n h w c, n i j c -> n a b c", stride, pads, dilation, tuple(kernel_hw))
+    per_image = kernel_grad_op(x, g)
     return jnp.sum(per_image, axis=0)[:, :, None, :]
