@@ -62,9 +62,11 @@ def load_torch_reference(name: str) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
-def require_cpu_depthwise_kernel() -> None:
-    """Skips the caller when the FFI depthwise kernel cannot be built here (no C++ compiler);
-    ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead."""
+@pytest.fixture
+def cpu_depthwise_kernel() -> None:
+    """Skips the test when the FFI depthwise kernel cannot be built here (no C++ compiler);
+    ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead.
+    (A fixture rather than a helper: ``from conftest import`` can resolve to tests/train/conftest.)"""
     from effdet_jax.kernels import depthwise_cpu
 
     reason = depthwise_cpu.unavailable_reason()

@@ -89,6 +89,7 @@ def _build() -> tuple[pathlib.Path | None, str]:
     library = cache / f"depthwise_cpu_{key}.so"
     if library.exists():
         return library, ""
+    partial = None
     try:
         cache.mkdir(parents=True, exist_ok=True)
         # Build beside the target and rename, so that concurrent processes (pytest -n) never load
@@ -99,11 +100,14 @@ def _build() -> tuple[pathlib.Path | None, str]:
             [cxx, *_compile_flags(), str(SOURCE), "-o", partial], capture_output=True, text=True, timeout=600
         )
         if result.returncode != 0:
-            os.unlink(partial)
             return None, f"building {SOURCE.name} with {cxx} failed:\n{result.stderr[-4000:]}"
         os.replace(partial, library)
+        partial = None
     except (OSError, subprocess.SubprocessError) as error:
         return None, f"building {SOURCE.name} failed: {error}"
+    finally:
+        if partial is not None and os.path.exists(partial):
+            os.unlink(partial)
     return library, ""
 
 

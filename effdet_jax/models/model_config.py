@@ -12,6 +12,7 @@ from typing import Any
 
 from effdet_jax.detection.anchors import AnchorConfig, num_anchors_per_location
 from effdet_jax.models.efficientnet_config import EfficientNetConfig, get_efficientnet_config
+from effdet_jax.models.layers import DEPTHWISE_IMPLS
 
 FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
 DROP_CONNECT_VARIANTS = ("none", "sample", "channel", "element", "weight")
@@ -115,7 +116,7 @@ class EfficientDetConfig:
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
             ("dtype", self.dtype, DTYPES),
             ("activation", self.activation, ("swish", "silu", "relu6", "relu", "gelu")),
-            ("depthwise_impl", self.depthwise_impl, ("auto", "lax", "shift_add", "cpu_ffi")),
+            ("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS),
         ]
         for key, value, allowed in checks:
             if value not in allowed:

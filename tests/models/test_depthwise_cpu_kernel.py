@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import require_cpu_depthwise_kernel
 from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -36,9 +35,7 @@ CASES = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _kernel_built():
-    require_cpu_depthwise_kernel()
+pytestmark = pytest.mark.usefixtures("cpu_depthwise_kernel")
 
 
 def _inputs(shape, kernel, seed=0):

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import require_cpu_depthwise_kernel
 
 from effdet_jax.kernels import depthwise_cpu
 from effdet_jax.models import layers
@@ -25,9 +24,9 @@ def test_conv2d_matches_tf_same(size, kernel, stride):
 @pytest.mark.parametrize("size", [7, 8, 15, 16])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
 @pytest.mark.parametrize("impl", ["lax", "shift_add", "cpu_ffi"])
-def test_depthwise_matches_tf_same(size, kernel, stride, impl):
+def test_depthwise_matches_tf_same(size, kernel, stride, impl, request):
     if impl == "cpu_ffi":
-        require_cpu_depthwise_kernel()
+        request.getfixturevalue("cpu_depthwise_kernel")
     rng = np.random.default_rng(size + kernel * 7 + stride)
     x = rng.standard_normal((2, size, size + 3, 5)).astype(np.float32)
     w = rng.standard_normal((kernel, kernel, 1, 5)).astype(np.float32)
@@ -63,9 +62,9 @@ def test_depthwise_impls_have_identical_gradients(stride):
 
 
 @pytest.mark.parametrize("impl", ["lax", "shift_add", "cpu_ffi"])
-def test_depthwise_gradients_on_a_data_by_model_mesh(impl):
+def test_depthwise_gradients_on_a_data_by_model_mesh(impl, request):
     if impl == "cpu_ffi":
-        require_cpu_depthwise_kernel()
+        request.getfixturevalue("cpu_depthwise_kernel")
     """Batch sharded over ``data`` of a 4x2 mesh, kernel replicated: the kernel gradient must be
     the single-device one. (Autodiff of XLA's grouped conv gave exactly 2x it here: the SPMD
     partitioner summed the batch reduction over the ``model`` axis too.)"""
