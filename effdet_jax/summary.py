@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from effdet_jax.models.batch_norm import BatchNorm
 from effdet_jax.models.layers import Conv2D, DepthwiseConv2D
 
 
@@ -85,7 +86,7 @@ def summarize(model: nn.Module, image_size: tuple[int, int] | None = None) -> Mo
         elif isinstance(module, Conv2D):
             k = module.kernel_size
             macs[_part(path)] += math.prod(out.shape[1:]) * k * k * inp.shape[-1]
-        elif isinstance(module, nn.BatchNorm):
+        elif isinstance(module, BatchNorm):
             bn_activations += math.prod(out.shape[1:])
         elif isinstance(module, nn.Dense):
             macs[_part(path)] += inp.shape[-1] * out.shape[-1]

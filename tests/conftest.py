@@ -64,8 +64,8 @@ def load_torch_reference(name: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def cpu_depthwise_kernel() -> None:
-    """Skips the test when the FFI depthwise kernel cannot be built here (no C++ compiler);
-    ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead.
+    """Skips the test when the FFI kernels (depthwise, batch-norm sums) cannot be built here (no
+    C++ compiler); ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead.
     (A fixture rather than a helper: ``from conftest import`` can resolve to tests/train/conftest.)"""
     from effdet_jax.kernels import depthwise_cpu
 

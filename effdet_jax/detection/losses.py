@@ -133,7 +133,10 @@ def _focal_sum_fwd(logits, cls_targets, alpha, gamma, label_smoothing):
     )
     weight = (cls_targets != IGNORE)[..., None].astype(jnp.float32)
     loss, grad = _focal_terms(x, y, weight, alpha, gamma, label_smoothing)
-    return jnp.sum(loss), (grad.astype(logits.dtype), cls_targets)
+    # Summing over classes first lets XLA:CPU fuse the focal terms into that reduction instead of
+    # writing the element-wise loss out for one big reduction (D0 512 batch 4: 68 -> 63 ms for
+    # the class loss's forward and backward).
+    return jnp.sum(jnp.sum(loss, axis=-1)), (grad.astype(logits.dtype), cls_targets)
 
 
 def _focal_sum_bwd(alpha, gamma, label_smoothing, residuals, g):

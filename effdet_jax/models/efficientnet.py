@@ -90,15 +90,17 @@ class MBConvBlock(nn.Module):
     @nn.compact
     def __call__(self, inputs: jax.Array, train: bool = False) -> jax.Array:
         act = activation_fn(self.activation)
-        bn = lambda name: batch_norm(train, name, self.dtype, self.axis_name)  # noqa: E731
+        bn = lambda name, activation=None: batch_norm(  # noqa: E731
+            train, name, self.dtype, self.axis_name, activation
+        )
         x = inputs
         if self.expand_ratio != 1:
             x = Conv2D(self.filters_in * self.expand_ratio, dtype=self.dtype, name="expand_conv")(x)
-            x = act(bn("expand_bn")(x))
+            x = bn("expand_bn", act)(x)
         x = DepthwiseConv2D(
             self.kernel, self.stride, self.dtype, self.depthwise_impl, name="depthwise_conv"
         )(x)
-        x = act(bn("depthwise_bn")(x))
+        x = bn("depthwise_bn", act)(x)
         if self.se_ratio:
             reduced = max(1, int(self.filters_in * self.se_ratio))
             x = SqueezeExcite(reduced, self.activation, self.dtype, name="se")(x)
@@ -145,7 +147,7 @@ class EfficientNet(nn.Module):
             cfg.round_filters(cfg.stem_filters, skip=cfg.fix_head_stem),
             kernel_size=3, strides=2, dtype=self.dtype, name="stem_conv",
         )(x)
-        x = act(batch_norm(train, "stem_bn", self.dtype, self.axis_name)(x))
+        x = batch_norm(train, "stem_bn", self.dtype, self.axis_name, act)(x)
 
         blocks = cfg.expanded_blocks()
         block_cls = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
@@ -178,7 +180,7 @@ class EfficientNet(nn.Module):
             cfg.round_filters(cfg.head_filters, skip=cfg.fix_head_stem),
             dtype=self.dtype, name="head_conv",
         )(x)
-        x = act(batch_norm(train, "head_bn", self.dtype, self.axis_name)(x))
+        x = batch_norm(train, "head_bn", self.dtype, self.axis_name, act)(x)
         x = jnp.mean(x, axis=(1, 2))
         x = nn.Dropout(cfg.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(

@@ -66,8 +66,7 @@ class PredictionHead(nn.Module):
             for r in range(self.repeats):
                 residual = x
                 x = convs[r](x)
-                x = batch_norm(train, f"bn_{r}_p{lvl}", self.dtype)(x)
-                x = act(x)
+                x = batch_norm(train, f"bn_{r}_p{lvl}", self.dtype, activation=act)(x)
                 if r > 0 and self.drop_connect_rate is not None:
                     if train and self.drop_connect_rate > 0:
                         x = drop_connect(

@@ -18,6 +18,7 @@ from flax import linen as nn
 from jax import lax
 
 from effdet_jax.kernels import depthwise_cpu
+from effdet_jax.models.batch_norm import BatchNorm
 
 Dtype = Any
 
@@ -60,20 +61,26 @@ def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def batch_norm(
-    train: bool, name: str, dtype: Dtype = jnp.float32, axis_name: str | None = None
-) -> nn.BatchNorm:
-    """automl's BN: momentum 0.99, epsilon 1e-3. Statistics are float32 whatever the compute dtype.
+    train: bool,
+    name: str,
+    dtype: Dtype = jnp.float32,
+    axis_name: str | None = None,
+    activation: Callable[[jax.Array], jax.Array] | None = None,
+) -> BatchNorm:
+    """automl's BN: momentum 0.99, epsilon 1e-3, then ``activation`` (swish is fused into the op,
+    see ``models/batch_norm.py``). Statistics are float32 whatever the compute dtype.
 
     Under a sharded ``jax.jit`` the batch mean is already over the global batch; ``axis_name`` is only
     for ``shard_map``/``pmap`` code.
     """
-    return nn.BatchNorm(
+    return BatchNorm(
         use_running_average=not train,
         momentum=BN_MOMENTUM,
         epsilon=BN_EPSILON,
         dtype=dtype,
         param_dtype=jnp.float32,
         axis_name=axis_name,
+        activation=activation,
         name=name,
     )
 

@@ -132,6 +132,7 @@ def test_auto_picks_the_kernel_for_float32_only():
 
 
 def test_without_a_compiler_auto_falls_back_and_explicit_use_says_why(tmp_path):
+    """No compiler: depthwise ``auto`` and batch norm use XLA's ops; explicit ``cpu_ffi`` says why."""
     script = (
         "import jax.numpy as jnp\n"
         "from effdet_jax.kernels import depthwise_cpu\n"
@@ -141,6 +142,10 @@ def test_without_a_compiler_auto_falls_back_and_explicit_use_says_why(tmp_path):
         "    layers.depthwise_conv(jnp.ones((1, 4, 4, 8)), jnp.ones((3, 3, 1, 8)), 1, 'cpu_ffi')\n"
         "except RuntimeError as error:\n"
         "    print('ERROR', error)\n"
+        "from effdet_jax.models.batch_norm import batch_norm_act\n"
+        "x = jnp.arange(32.0).reshape(1, 2, 2, 8)\n"
+        "y, mean, var = batch_norm_act(x, jnp.ones(8), jnp.zeros(8), 1e-3, True)\n"
+        "print('BN', float(mean[0]), float(var[0]))\n"
     )
     env = {**os.environ, "CXX": "/bin/false", "EFFDET_JAX_KERNEL_CACHE": str(tmp_path)}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
@@ -148,4 +153,6 @@ def test_without_a_compiler_auto_falls_back_and_explicit_use_says_why(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "IMPL shift_add" in out.stdout
     assert "ERROR depthwise_impl='cpu_ffi' is unavailable: building depthwise_cpu.cc" in out.stdout
+    # Batch norm's statistics fall back to XLA's reductions: x[..., 0] is 0, 8, 16, 24.
+    assert "BN 12.0 80.0" in out.stdout
     assert not list(tmp_path.glob("*.so"))

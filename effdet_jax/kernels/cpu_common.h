@@ -1,0 +1,62 @@
+// Shared by the XLA:CPU FFI kernels: an 8-float vector type and a ParallelFor over XLA's intra-op
+// thread pool.
+
+#ifndef EFFDET_JAX_KERNELS_CPU_COMMON_H_
+#define EFFDET_JAX_KERNELS_CPU_COMMON_H_
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace effdet_cpu {
+
+namespace ffi = xla::ffi;
+
+// An unaligned 8-float vector (GCC / Clang vector extension); compiles to AVX loads and FMAs
+// with -mavx2 -mfma, and to pairs of SSE operations otherwise.
+typedef float v8 __attribute__((vector_size(32), aligned(4)));
+
+inline v8 Load(const float* p) { return *reinterpret_cast<const v8*>(p); }
+inline void Store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
+
+// Runs body(0) .. body(count - 1) on the calling thread and on helpers from XLA's pool. The
+// caller waits for tasks that helpers have claimed; a helper that starts after all tasks are
+// claimed touches only the shared counters, never `body`.
+template <typename F>
+void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& body) {
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count - 1);
+  if (helpers <= 0) {
+    for (int64_t i = 0; i < count; ++i) body(i);
+    return;
+  }
+  struct State {
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> done{0};
+    std::mutex mu;
+    std::condition_variable cv;
+  };
+  auto state = std::make_shared<State>();
+  const F* fn = &body;
+  auto work = [state, count, fn]() {
+    for (int64_t i = state->next.fetch_add(1); i < count; i = state->next.fetch_add(1)) {
+      (*fn)(i);
+      if (state->done.fetch_add(1) + 1 == count) {
+        std::lock_guard<std::mutex> lock(state->mu);
+        state->cv.notify_all();
+      }
+    }
+  };
+  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  std::unique_lock<std::mutex> lock(state->mu);
+  state->cv.wait(lock, [&] { return state->done.load() == count; });
+}
+
+}  // namespace effdet_cpu
+
+#endif  // EFFDET_JAX_KERNELS_CPU_COMMON_H_
