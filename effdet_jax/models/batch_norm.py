@@ -8,9 +8,11 @@ custom VJP of :func:`batch_norm_act`.
 
 Why: autodiff of flax's BN followed by swish left XLA:CPU with about twice the passes over the
 activation that the math needs (a ``[4, 256, 256, 96]`` float32 unit took 66 ms forward and
-backward, against 45 ms here; ``benchmarks/RESULTS.md``). The backward pass here recomputes the
-normalised input and the swish derivative from the stored input instead of storing them, and
-needs two passes: one for the two per-channel sums, one for the input gradient.
+backward, against 51-54 ms here, and the D0 train step's XLA temporaries fell by 17 %;
+``benchmarks/RESULTS.md``). The backward pass here recomputes the normalised input and the swish
+derivative from the stored input instead of storing them, and needs two passes: one for the two
+per-channel sums, one for the input gradient. On CPU the statistics are one pass of an FFI kernel
+(``kernels/batch_norm_cpu.cc``; XLA makes them two).
 """
 
 from __future__ import annotations
@@ -99,6 +101,11 @@ def _batch_norm_act_bwd(epsilon, swish, residuals, cotangents):
 batch_norm_act.defvjp(_batch_norm_act_fwd, _batch_norm_act_bwd)
 
 
+def use_fused_backward() -> bool:
+    """Whether train-mode ``BatchNorm`` uses :func:`batch_norm_act` (on CPU) or autodiff."""
+    return jax.default_backend() == "cpu"
+
+
 class BatchNorm(nn.Module):
     """Batch norm over all axes but the last, with an optional activation after it.
 
@@ -109,6 +116,10 @@ class BatchNorm(nn.Module):
       axis_name: ``shard_map`` / ``pmap`` axis to average the batch statistics over; with it the
         train-mode path is plain autodiff (the fused backward pass has no cross-device sums). Under
         a sharded ``jax.jit`` leave it ``None``: the statistics are global already.
+
+    Train mode uses :func:`batch_norm_act` on the CPU backend, where it was measured; elsewhere
+    (GPU / TPU, whose XLA fuses the autodiff form well) and with ``axis_name`` it is the same
+    math differentiated by JAX.
       activation: ``jax.nn.swish`` (fused into the op), ``None``, or any other callable (applied
         to the normalised output).
     """
@@ -136,22 +147,25 @@ class BatchNorm(nn.Module):
                 scale * lax.rsqrt(ra_var.value + self.epsilon)
             ) + bias
             y = jax.nn.swish(z) if swish else z
-        elif self.axis_name is None or self.is_initializing():
+        elif self.axis_name is None and use_fused_backward():
             y, mean, var = batch_norm_act(x, scale, bias, self.epsilon, swish)
         else:
-            y, mean, var = self._cross_device(x, scale, bias, swish)
+            y, mean, var = self._autodiff(x, scale, bias, swish)
         if not self.use_running_average and not self.is_initializing():
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
         y = y.astype(self.dtype)
         return after(y) if after is not None else y
 
-    def _cross_device(self, x, scale, bias, swish):
-        """Train mode with the statistics averaged over ``axis_name`` (flax's pmean of the mean
-        and of the mean square), differentiated by JAX."""
+    def _autodiff(self, x, scale, bias, swish):
+        """Train mode differentiated by JAX, with the statistics averaged over ``axis_name`` when
+        there is one (flax's pmean of the mean and of the mean square; not while initialising,
+        where the axis need not exist)."""
         xf = x.astype(jnp.float32)
         axes = tuple(range(x.ndim - 1))
-        mean, mean_sq = lax.pmean((jnp.mean(xf, axes), jnp.mean(xf * xf, axes)), self.axis_name)
+        mean, mean_sq = jnp.mean(xf, axes), jnp.mean(xf * xf, axes)
+        if self.axis_name is not None and not self.is_initializing():
+            mean, mean_sq = lax.pmean((mean, mean_sq), self.axis_name)
         var = jnp.maximum(mean_sq - mean * mean, 0.0)
         z = (xf - mean) * (scale * lax.rsqrt(var + self.epsilon)) + bias
         return (jax.nn.swish(z) if swish else z), mean, var

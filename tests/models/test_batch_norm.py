@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from effdet_jax.models import batch_norm
 from effdet_jax.models.batch_norm import BatchNorm, batch_norm_act
 
 EPS, MOMENTUM = 1e-3, 0.99
@@ -43,9 +44,12 @@ def _variables(channels, rng):
     return {"params": params, "batch_stats": stats}
 
 
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "autodiff"])
 @pytest.mark.parametrize("activation", [jax.nn.swish, None, jax.nn.relu6], ids=["swish", "none", "relu6"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 12), (3, 1, 1, 5), (40, 9)])
-def test_train_mode_matches_flax(activation, shape):
+def test_train_mode_matches_flax(activation, shape, fused, monkeypatch):
+    """Both train-mode paths: the custom VJP (CPU) and autodiff (GPU / TPU)."""
+    monkeypatch.setattr(batch_norm, "use_fused_backward", lambda: fused)
     rng = np.random.default_rng(len(shape) * 7 + shape[-1])
     # An offset mean and a spread of scales, as real pre-BN activations have.
     x = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.5, 3.0, shape[-1]) + 2.0, jnp.float32)
@@ -74,7 +78,10 @@ def test_train_mode_matches_flax(activation, shape):
 
         return jax.jit(jax.grad(loss, argnums=(0, 1)))(variables["params"], x)
 
-    g = grads(lambda v, x: ours.apply(v, x, mutable=["batch_stats"]))
+    ours_apply = lambda v, x: ours.apply(v, x, mutable=["batch_stats"])  # noqa: E731
+    jaxpr = str(jax.make_jaxpr(ours_apply)(variables, x))
+    assert ("custom_vjp_call" in jaxpr) == fused
+    g = grads(ours_apply)
     g_ref = grads(ref)
     for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-4 * float(jnp.max(jnp.abs(b))))
