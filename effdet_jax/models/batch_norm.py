@@ -116,12 +116,12 @@ class BatchNorm(nn.Module):
       axis_name: ``shard_map`` / ``pmap`` axis to average the batch statistics over; with it the
         train-mode path is plain autodiff (the fused backward pass has no cross-device sums). Under
         a sharded ``jax.jit`` leave it ``None``: the statistics are global already.
+      activation: ``jax.nn.swish`` (fused into the op), ``None``, or any other callable (applied
+        to the normalised output).
 
     Train mode uses :func:`batch_norm_act` on the CPU backend, where it was measured; elsewhere
     (GPU / TPU, whose XLA fuses the autodiff form well) and with ``axis_name`` it is the same
     math differentiated by JAX.
-      activation: ``jax.nn.swish`` (fused into the op), ``None``, or any other callable (applied
-        to the normalised output).
     """
 
     use_running_average: bool = False
