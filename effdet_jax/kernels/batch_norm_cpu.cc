@@ -1,19 +1,27 @@
-// Per-image channel sums for the statistics of train-mode batch norm on XLA:CPU, through the XLA FFI.
+// Train-mode batch norm (+ swish) on XLA:CPU through the XLA FFI: the statistics' sums, and the
+// backward pass's two sums and input gradient.
 //
-// Layouts: x [N, H, W, C] float32, row-major; result s [N, 2, C] float32 with
-//   s[n, 0, c] = sum_{h, w} x[n, h, w, c],  s[n, 1, c] = sum_{h, w} x[n, h, w, c]^2
-// (per image: the caller sums over N, so that a batch sharded over devices ends in an all-reduce).
+// Layouts: x, gy, gx [N, H, W, C] float32, row-major; per-channel coefficients [K, C]; sums
+// [N, 2, C], per image (the caller sums over N, so that a batch sharded over devices ends in an
+// all-reduce).
+//   effdet_channel_sums:      s[n, 0, c] = sum_{h, w} x,  s[n, 1, c] = sum_{h, w} x^2
+//   effdet_bn_backward_sums:  s[n, 0, c] = sum_{h, w} gz, s[n, 1, c] = sum_{h, w} gz (x - mean)
+//   effdet_bn_backward_input: gx = a gz + c1 (x - mean) + c0
+//   effdet_bn_swish:          y = swish(z)
+// with z = (x - mean) a + bias and gz = gy * swish'(z) (attribute swish = 1) or gz = gy (0);
+// coefficients rows (a, mean, bias), and (a, mean, bias, c1, c0) for the input gradient.
 //
 // Why this exists: XLA:CPU hands each reduction to YNNPACK as its own pass, so the mean and the
-// mean square took two passes over every pre-BN activation; here they take one
-// (benchmarks/RESULTS.md). (A kernel for the backward pass's two sums, recomputing the swish
-// derivative, was tried and measured slower in the train step than XLA's fusions: dropped.)
+// mean square took two passes over every pre-BN activation, and the backward pass five (it
+// stored x - mean and gz, then reduced each sum separately); here they take one, and two
+// (benchmarks/RESULTS.md). swish'(z) is recomputed from x with a vectorised exp.
 //
 // Sums: each row is summed in float32 (at most W terms), and row sums are added in double. Every
 // image's rows are split into a fixed number of chunks added in chunk order, so the result does
 // not depend on the number of threads.
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -21,8 +29,10 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using effdet_cpu::Exp;
 using effdet_cpu::Load;
 using effdet_cpu::ParallelFor;
+using effdet_cpu::Splat;
 using effdet_cpu::Store;
 using effdet_cpu::v8;
 
@@ -95,10 +105,179 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resul
   return ffi::Error::Success();
 }
 
+// gz = gy * swish'(z) (or gy) and x - mean, for 8 channels and for one.
+template <bool kSwish>
+inline v8 GradZ(v8 x, v8 gy, v8 a, v8 mean, v8 bias, v8* centred) {
+  *centred = x - mean;
+  if (!kSwish) return gy;
+  const v8 z = *centred * a + bias;
+  const v8 sig = Splat(1.0f) / (Splat(1.0f) + Exp(-z));
+  return gy * (sig * (Splat(1.0f) + z * (Splat(1.0f) - sig)));
+}
+
+template <bool kSwish>
+inline float GradZ(float x, float gy, float a, float mean, float bias, float* centred) {
+  *centred = x - mean;
+  if (!kSwish) return gy;
+  const float z = *centred * a + bias;
+  const float sig = 1.0f / (1.0f + std::exp(-z));
+  return gy * (sig * (1.0f + z * (1.0f - sig)));
+}
+
+// Runs pixel(p) for every pixel p of [N, H, W] in tasks of 8 rows (consecutive memory).
+template <typename F>
+void ParallelPixels(ffi::ThreadPool& pool, const Shape& s, const F& pixel) {
+  constexpr int64_t kRowsPerTask = 8;
+  const int64_t rows = s.n * s.h, tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  ParallelFor(pool, tasks, [&](int64_t task) {
+    const int64_t end = std::min(rows, (task + 1) * kRowsPerTask) * s.w;
+    for (int64_t p = task * kRowsPerTask * s.w; p < end; ++p) pixel(p);
+  });
+}
+
+ffi::Error CheckBackward(ffi::Span<const int64_t> x, ffi::Span<const int64_t> gy, ffi::Span<const int64_t> coefs,
+                         int64_t rows, Shape* shape) {
+  if (x.size() != 4 || gy.size() != 4 || coefs.size() != 2) {
+    return ffi::Error::InvalidArgument("batch-norm backward: x and gy must be [N, H, W, C], coefs [K, C]");
+  }
+  *shape = Shape{x[0], x[1], x[2], x[3]};
+  for (int k = 0; k < 4; ++k) {
+    if (gy[k] != x[k]) return ffi::Error::InvalidArgument("batch-norm backward: gy's shape differs from x's");
+  }
+  if (coefs[0] != rows || coefs[1] != shape->c) {
+    return ffi::Error::InvalidArgument("batch-norm backward: coefs have the wrong shape");
+  }
+  return ffi::Error::Success();
+}
+
+template <bool kSwish>
+void BackwardSums(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* gy, const float* coefs,
+                  float* out) {
+  const float *a = coefs, *mean = coefs + s.c, *bias = coefs + 2 * s.c;
+  auto row_sums = [&](int64_t row, float* __restrict s0, float* __restrict s1) {
+    const float* xr = x + row * s.w * s.c;
+    const float* gr = gy + row * s.w * s.c;
+    for (int64_t j = 0; j < s.w; ++j, xr += s.c, gr += s.c) {
+      int64_t ch = 0;
+      for (; ch + 8 <= s.c; ch += 8) {
+        v8 centred;
+        const v8 gz = GradZ<kSwish>(Load(xr + ch), Load(gr + ch), Load(a + ch), Load(mean + ch), Load(bias + ch),
+                                    &centred);
+        Store(s0 + ch, Load(s0 + ch) + gz);
+        Store(s1 + ch, Load(s1 + ch) + gz * centred);
+      }
+      for (; ch < s.c; ++ch) {
+        float centred;
+        const float gz = GradZ<kSwish>(xr[ch], gr[ch], a[ch], mean[ch], bias[ch], &centred);
+        s0[ch] += gz;
+        s1[ch] += gz * centred;
+      }
+    }
+  };
+  PerImageSums(pool, s, row_sums, out);
+}
+
+ffi::Error BnBackwardSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
+                          ffi::Buffer<ffi::F32> coefs, ffi::ResultBuffer<ffi::F32> sums, int64_t swish) {
+  Shape s;
+  if (auto e = CheckBackward(x.dimensions(), gy.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
+  const auto d = sums->dimensions();
+  if (d.size() != 3 || d[0] != s.n || d[1] != 2 || d[2] != s.c) {
+    return ffi::Error::InvalidArgument("batch-norm backward: the sums must be [N, 2, C]");
+  }
+  if (swish) {
+    BackwardSums<true>(pool, s, x.typed_data(), gy.typed_data(), coefs.typed_data(), sums->typed_data());
+  } else {
+    BackwardSums<false>(pool, s, x.typed_data(), gy.typed_data(), coefs.typed_data(), sums->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+template <bool kSwish>
+void BackwardInput(ffi::ThreadPool& pool, const Shape& s, const float* x, const float* gy, const float* coefs,
+                   float* gx) {
+  const float *a = coefs, *mean = coefs + s.c, *bias = coefs + 2 * s.c, *c1 = coefs + 3 * s.c,
+              *c0 = coefs + 4 * s.c;
+  ParallelPixels(pool, s, [&](int64_t pixel) {
+    const float* xr = x + pixel * s.c;
+    const float* gr = gy + pixel * s.c;
+    float* out = gx + pixel * s.c;
+    int64_t ch = 0;
+    for (; ch + 8 <= s.c; ch += 8) {
+      v8 centred;
+      const v8 av = Load(a + ch);
+      const v8 gz = GradZ<kSwish>(Load(xr + ch), Load(gr + ch), av, Load(mean + ch), Load(bias + ch), &centred);
+      Store(out + ch, av * gz + Load(c1 + ch) * centred + Load(c0 + ch));
+    }
+    for (; ch < s.c; ++ch) {
+      float centred;
+      const float gz = GradZ<kSwish>(xr[ch], gr[ch], a[ch], mean[ch], bias[ch], &centred);
+      out[ch] = a[ch] * gz + c1[ch] * centred + c0[ch];
+    }
+  });
+}
+
+ffi::Error BnBackwardInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
+                           ffi::Buffer<ffi::F32> coefs, ffi::ResultBuffer<ffi::F32> gx, int64_t swish) {
+  Shape s;
+  if (auto e = CheckBackward(x.dimensions(), gy.dimensions(), coefs.dimensions(), 5, &s); e.failure()) return e;
+  if (gx->element_count() != x.element_count()) {
+    return ffi::Error::InvalidArgument("batch-norm backward: gx must have x's shape");
+  }
+  if (swish) {
+    BackwardInput<true>(pool, s, x.typed_data(), gy.typed_data(), coefs.typed_data(), gx->typed_data());
+  } else {
+    BackwardInput<false>(pool, s, x.typed_data(), gy.typed_data(), coefs.typed_data(), gx->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error BnSwish(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> coefs,
+                   ffi::ResultBuffer<ffi::F32> y) {
+  Shape s;
+  if (auto e = CheckBackward(x.dimensions(), x.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
+  if (y->element_count() != x.element_count()) return ffi::Error::InvalidArgument("batch-norm: y must have x's shape");
+  const float* xp = x.typed_data();
+  const float *a = coefs.typed_data(), *mean = a + s.c, *bias = a + 2 * s.c;
+  float* yp = y->typed_data();
+  ParallelPixels(pool, s, [&](int64_t p) {
+    const float* xr = xp + p * s.c;
+    float* out = yp + p * s.c;
+    int64_t ch = 0;
+    for (; ch + 8 <= s.c; ch += 8) {
+      const v8 z = (Load(xr + ch) - Load(mean + ch)) * Load(a + ch) + Load(bias + ch);
+      Store(out + ch, z / (Splat(1.0f) + Exp(-z)));
+    }
+    for (; ch < s.c; ++ch) {
+      const float z = (xr[ch] - mean[ch]) * a[ch] + bias[ch];
+      out[ch] = z / (1.0f + std::exp(-z));
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetChannelSums, ChannelSums,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+#define EFFDET_BN_BACKWARD_BINDING    \
+  ffi::Ffi::Bind()                    \
+      .Ctx<ffi::ThreadPool>()         \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Arg<ffi::Buffer<ffi::F32>>()   \
+      .Ret<ffi::Buffer<ffi::F32>>()   \
+      .Attr<int64_t>("swish")
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetBnBackwardSums, BnBackwardSums, EFFDET_BN_BACKWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetBnBackwardInput, BnBackwardInput, EFFDET_BN_BACKWARD_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EffdetBnSwish, BnSwish,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -40,6 +40,9 @@ _TARGETS = {
     "effdet_depthwise_input_grad": "EffdetDepthwiseInputGrad",
     "effdet_depthwise_kernel_grad": "EffdetDepthwiseKernelGrad",
     "effdet_channel_sums": "EffdetChannelSums",
+    "effdet_bn_backward_sums": "EffdetBnBackwardSums",
+    "effdet_bn_backward_input": "EffdetBnBackwardInput",
+    "effdet_bn_swish": "EffdetBnSwish",
 }
 
 

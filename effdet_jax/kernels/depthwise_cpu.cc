@@ -74,9 +74,52 @@ inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, co
   }
 }
 
+// Interior output columns [begin, end) of one output row, where all KW taps of every tap row lie
+// inside x (dilation 1, channels a multiple of 8). Four neighbouring outputs are computed together
+// with the tap row's KW weight vectors held in registers, so each loaded input vector serves
+// several outputs; the summation order per output (tap rows, then taps left to right) is that of
+// AccumulateTaps, so both paths give the same bits. Returns the first column not done (the caller
+// finishes a remainder of fewer than four).
+template <int KW, int S>
+int64_t ForwardInterior(const Geometry& g, int rows, const float* const* src_rows, const int64_t* row_tap,
+                        const float* k, float* yrow, int64_t begin, int64_t end) {
+  constexpr int kOutputs = 4;
+  const int64_t c = g.c;
+  int64_t j = begin;
+  for (; j + kOutputs <= end; j += kOutputs) {
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      v8 acc[kOutputs];
+      for (int t = 0; t < kOutputs; ++t) acc[t] = v8{0, 0, 0, 0, 0, 0, 0, 0};
+      for (int r = 0; r < rows; ++r) {
+        const float* wrow = k + row_tap[r] * KW * c + ch;
+        v8 w[KW];
+        for (int b = 0; b < KW; ++b) w[b] = Load(wrow + b * c);
+        const float* src = src_rows[r] + (j * S - g.pad_left) * c + ch;
+        for (int t = 0; t < kOutputs; ++t) {
+          for (int b = 0; b < KW; ++b) acc[t] += Load(src + (t * S + b) * c) * w[b];
+        }
+      }
+      for (int t = 0; t < kOutputs; ++t) Store(yrow + (j + t) * c + ch, acc[t]);
+    }
+  }
+  return j;
+}
+
+using InteriorFn = int64_t (*)(const Geometry&, int, const float* const*, const int64_t*, const float*,
+                               float*, int64_t, int64_t);
+
+// The interior routine for this geometry, or nullptr where only the general path applies.
+InteriorFn ForwardInteriorFor(const Geometry& g) {
+  if (g.dilation != 1 || g.c % 8 != 0 || g.pad_left < 0) return nullptr;
+  if (g.kw == 3 && g.stride == 1) return ForwardInterior<3, 1>;
+  if (g.kw == 5 && g.stride == 1) return ForwardInterior<5, 1>;
+  if (g.kw == 5 && g.stride == 2) return ForwardInterior<5, 2>;
+  return nullptr;
+}
+
 // y row (n, i): y[n, i, j, :] = sum over taps (a, b) inside x of x[n, i*s + a*d - pt, j*s + b*d - pl, :]
 // * k[a, b, 0, :].
-void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row) {
+void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int64_t row, InteriorFn interior) {
   const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
   const float* src_rows[kMaxTaps];
   int64_t row_tap[kMaxTaps], col_offset[kMaxTaps], col_tap[kMaxTaps];
@@ -88,7 +131,7 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
     row_tap[rows++] = a;
   }
   float* yrow = y + row * g.ow * c;
-  for (int64_t j = 0; j < g.ow; ++j) {
+  auto general = [&](int64_t j) {
     int cols = 0;
     for (int64_t b = 0; b < g.kw; ++b) {
       const int64_t ix = j * g.stride + b * g.dilation - g.pad_left;
@@ -97,7 +140,17 @@ void ForwardRow(const Geometry& g, const float* x, const float* k, float* y, int
       col_tap[cols++] = b;
     }
     AccumulateTaps(c, rows, src_rows, row_tap, cols, col_offset, col_tap, g.kw, k, yrow + j * c);
+  };
+  if (interior == nullptr) {
+    for (int64_t j = 0; j < g.ow; ++j) general(j);
+    return;
   }
+  // Columns whose taps all lie inside x: j*s >= pl and j*s + (kw-1) - pl <= w-1 (dilation 1).
+  const int64_t begin = std::min(g.ow, (g.pad_left + g.stride - 1) / g.stride);
+  const int64_t last = g.w - 1 + g.pad_left - (g.kw - 1);
+  const int64_t end = last < 0 ? begin : std::max(begin, std::min(g.ow, last / g.stride + 1));
+  for (int64_t j = 0; j < begin; ++j) general(j);
+  for (int64_t j = interior(g, rows, src_rows, row_tap, k, yrow, begin, end); j < g.ow; ++j) general(j);
 }
 
 // dx row (n, u): dx[n, u, v, :] = sum over taps (a, b) and output pixels (i, j) with
@@ -157,6 +210,63 @@ void KernelGradRow(const Geometry& g, const float* x, const float* dy, float* pa
   }
 }
 
+// KernelGradRow for dilation 1 and channels a multiple of 8: per tap row, the KW taps' sums
+// for two neighbouring output columns are kept in 2 * KW registers, so no add waits on the
+// previous one (the general loop is one dependent chain per tap).
+template <int KW, int S>
+void KernelGradRowFast(const Geometry& g, const float* x, const float* dy, float* partial, int64_t row) {
+  const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
+  const float* grow = dy + row * g.ow * c;
+  int64_t first[KW], stop[KW];  // valid output columns [first, stop) per tap
+  int64_t lo = 0, hi = g.ow;    // columns valid for every tap
+  for (int b = 0; b < KW; ++b) {
+    ValidColumns(b - g.pad_left, S, g.w, g.ow, &first[b], &stop[b]);
+    lo = std::max(lo, first[b]);
+    hi = std::min(hi, stop[b]);
+  }
+  if (hi < lo) hi = lo;
+  for (int64_t a = 0; a < g.kh; ++a) {
+    const int64_t iy = i * S + a - g.pad_top;
+    if (iy < 0 || iy >= g.h) continue;
+    const float* xrow = x + (n * g.h + iy) * g.w * c;
+    float* acc = partial + a * KW * c;
+    for (int64_t ch = 0; ch < c; ch += 8) {
+      v8 even[KW], odd[KW];
+      for (int b = 0; b < KW; ++b) even[b] = odd[b] = v8{0, 0, 0, 0, 0, 0, 0, 0};
+      int64_t j = lo;
+      for (; j + 2 <= hi; j += 2) {
+        const v8 g0 = Load(grow + j * c + ch), g1 = Load(grow + (j + 1) * c + ch);
+        const float* src = xrow + (j * S - g.pad_left) * c + ch;  // column j*S - pl, valid for j >= lo
+        for (int b = 0; b < KW; ++b) {
+          even[b] += Load(src + b * c) * g0;
+          odd[b] += Load(src + (S + b) * c) * g1;
+        }
+      }
+      for (int b = 0; b < KW; ++b) {
+        v8 sum = Load(acc + b * c + ch) + (even[b] + odd[b]);
+        auto add = [&](int64_t j0, int64_t j1) {
+          for (int64_t jj = j0; jj < j1; ++jj) sum += Load(xrow + (jj * S + b - g.pad_left) * c + ch) * Load(grow + jj * c + ch);
+        };
+        add(first[b], std::min(lo, stop[b]));
+        add(std::max(j, first[b]), stop[b]);
+        Store(acc + b * c + ch, sum);
+      }
+    }
+  }
+}
+
+using KernelGradRowFn = void (*)(const Geometry&, const float*, const float*, float*, int64_t);
+
+KernelGradRowFn KernelGradRowFor(const Geometry& g) {
+  if (g.dilation == 1 && g.c % 8 == 0) {
+    if (g.kw == 3 && g.stride == 1) return KernelGradRowFast<3, 1>;
+    if (g.kw == 3 && g.stride == 2) return KernelGradRowFast<3, 2>;
+    if (g.kw == 5 && g.stride == 1) return KernelGradRowFast<5, 1>;
+    if (g.kw == 5 && g.stride == 2) return KernelGradRowFast<5, 2>;
+  }
+  return KernelGradRow;
+}
+
 ffi::Error MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t> k_dims,
                         ffi::Span<const int64_t> y_dims, int64_t stride, int64_t dilation,
                         int64_t pad_top, int64_t pad_left, Geometry* g) {
@@ -175,6 +285,17 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
   return ffi::Error::Success();
 }
 
+// Runs row(0) .. row(count - 1) in tasks of consecutive rows: a thread that computes output row
+// i next computes row i + 1, whose input rows it mostly has in its cache already.
+template <typename F>
+void ParallelRows(ffi::ThreadPool& pool, int64_t count, const F& row) {
+  constexpr int64_t kRowsPerTask = 8;
+  const int64_t tasks = (count + kRowsPerTask - 1) / kRowsPerTask;
+  ParallelFor(pool, tasks, [&](int64_t task) {
+    for (int64_t r = task * kRowsPerTask; r < std::min(count, (task + 1) * kRowsPerTask); ++r) row(r);
+  });
+}
+
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
                    ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t dilation, int64_t pad_top,
                    int64_t pad_left) {
@@ -187,7 +308,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   const float* xp = x.typed_data();
   const float* kp = kernel.typed_data();
   float* yp = y->typed_data();
-  ParallelFor(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row); });
+  const InteriorFn interior = ForwardInteriorFor(g);
+  ParallelRows(pool, g.n * g.oh, [&](int64_t row) { ForwardRow(g, xp, kp, yp, row, interior); });
   return ffi::Error::Success();
 }
 
@@ -203,7 +325,24 @@ ffi::Error InputGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> dy, ffi::Buffer
   const float* gp = dy.typed_data();
   const float* kp = kernel.typed_data();
   float* xp = dx->typed_data();
-  ParallelFor(pool, g.n * g.h, [&](int64_t row) { InputGradRow(g, gp, kp, xp, row); });
+  if (g.stride == 1) {
+    // With stride 1 the input gradient is the forward correlation of dy with the kernel turned
+    // by 180 degrees and the complementary padding, so it takes the forward's fast path.
+    const Geometry flipped{g.n, g.oh, g.ow, g.c, g.h, g.w, g.kh, g.kw, 1, g.dilation,
+                           (g.kh - 1) * g.dilation - g.pad_top, (g.kw - 1) * g.dilation - g.pad_left};
+    std::vector<float> turned(g.kh * g.kw * g.c);
+    for (int64_t a = 0; a < g.kh; ++a) {
+      for (int64_t b = 0; b < g.kw; ++b) {
+        std::memcpy(turned.data() + (a * g.kw + b) * g.c, kp + ((g.kh - 1 - a) * g.kw + g.kw - 1 - b) * g.c,
+                    sizeof(float) * g.c);
+      }
+    }
+    const InteriorFn interior = ForwardInteriorFor(flipped);
+    ParallelRows(pool, g.n * g.h,
+                [&](int64_t row) { ForwardRow(flipped, gp, turned.data(), xp, row, interior); });
+    return ffi::Error::Success();
+  }
+  ParallelRows(pool, g.n * g.h, [&](int64_t row) { InputGradRow(g, gp, kp, xp, row); });
   return ffi::Error::Success();
 }
 
@@ -231,11 +370,12 @@ ffi::Error KernelGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer
   std::vector<float> partial(g.n * chunks * taps, 0.f);
   const float* xp = x.typed_data();
   const float* gp = dy.typed_data();
+  const KernelGradRowFn row_fn = KernelGradRowFor(g);
   ParallelFor(pool, g.n * chunks, [&](int64_t task) {
     const int64_t n = task / chunks, chunk = task % chunks;
     float* acc = partial.data() + task * taps;
     for (int64_t i = chunk * g.oh / chunks; i < (chunk + 1) * g.oh / chunks; ++i) {
-      KernelGradRow(g, xp, gp, acc, n * g.oh + i);
+      row_fn(g, xp, gp, acc, n * g.oh + i);
     }
   });
   float* out = dk->typed_data();

@@ -72,8 +72,12 @@ def batch_norm_act(
 def _batch_norm_act_fwd(x, scale, bias, epsilon, swish):
     xf = x.astype(jnp.float32)
     mean, var, rstd = _batch_stats(xf, epsilon)
-    z = (xf - mean) * (scale * rstd) + bias
-    y = _swish_and_slope(z)[0] if swish else z
+    if swish and batch_norm_cpu.usable(xf):
+        y = batch_norm_cpu.swish_apply(xf, scale * rstd, mean, bias)
+    else:
+        # Without swish XLA fuses the affine map into the consumer (the residual add).
+        z = (xf - mean) * (scale * rstd) + bias
+        y = _swish_and_slope(z)[0] if swish else z
     return (y, mean, var), (x, scale, bias, mean, rstd)
 
 
@@ -86,15 +90,22 @@ def _batch_norm_act_bwd(epsilon, swish, residuals, cotangents):
     axes = tuple(range(x.ndim - 1))
     n = x.size // x.shape[-1]
     a = scale * rstd
-    centred = xf - mean
-    gz = gy * _swish_and_slope(centred * a + bias)[1] if swish else gy
-    sum_gz, sum_gz_centred = jnp.sum(gz, axes), jnp.sum(gz * centred, axes)
+    kernels = batch_norm_cpu.usable(xf, gy)
+    if kernels:
+        sum_gz, sum_gz_centred = batch_norm_cpu.backward_sums(xf, gy, a, mean, bias, swish)
+    else:
+        centred = xf - mean
+        gz = gy * _swish_and_slope(centred * a + bias)[1] if swish else gy
+        sum_gz, sum_gz_centred = jnp.sum(gz, axes), jnp.sum(gz * centred, axes)
     gscale = rstd * sum_gz_centred  # sum(gz * xhat)
     # d/dx of y (through xhat, mean and rstd), of the mean (1/n) and of the variance
     # (2 (x - mean) / n): gx = a gz + c1 (x - mean) + c0.
     c1 = (2.0 * gvar - a * rstd * gscale) / n
     c0 = (gmean - a * sum_gz) / n
-    gx = a * gz + c1 * centred + c0
+    if kernels:
+        gx = batch_norm_cpu.backward_input(xf, gy, a, mean, bias, c1, c0, swish)
+    else:
+        gx = a * gz + c1 * centred + c0
     return gx.astype(x.dtype), gscale, sum_gz
 
 

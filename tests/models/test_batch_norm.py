@@ -171,8 +171,8 @@ def _flax_loss(x, scale, bias, t, swish=True):
 @pytest.mark.usefixtures("cpu_depthwise_kernel")
 @pytest.mark.parametrize("swish", [True, False])
 def test_cpu_kernel_runs_and_matches_flax_over_the_whole_swish_range(swish):
-    """On CPU float32 ``[N, H, W, C]`` statistics go through the FFI sums (the custom call is in
-    the HLO); pre-activations run from -120 to 120."""
+    """On CPU float32 ``[N, H, W, C]`` the statistics and the backward pass go through the FFI
+    kernels (the custom calls are in the HLO); pre-activations run from -120 to 120."""
     rng = np.random.default_rng(6)
     shape = (3, 6, 5, 21)
     x = jnp.asarray(rng.standard_normal(shape) * rng.uniform(0.2, 4.0, 21) - 1.0, jnp.float32)
@@ -181,7 +181,10 @@ def test_cpu_kernel_runs_and_matches_flax_over_the_whole_swish_range(swish):
     t = jnp.asarray(rng.standard_normal(shape), jnp.float32)
     grad = jax.jit(jax.value_and_grad(_fused_loss, argnums=(0, 1, 2)), static_argnums=4)
     hlo = grad.lower(x, scale, bias, t, swish).compile().as_text()
-    assert 'custom_call_target="effdet_channel_sums"' in hlo
+    for target in ("effdet_channel_sums", "effdet_bn_backward_sums", "effdet_bn_backward_input"):
+        assert f'custom_call_target="{target}"' in hlo
+    # Without swish XLA applies the affine map itself (fused into the consumer).
+    assert ('custom_call_target="effdet_bn_swish"' in hlo) == swish
     value, grads = grad(x, scale, bias, t, swish)
     ref_value, ref_grads = jax.jit(
         jax.value_and_grad(_flax_loss, argnums=(0, 1, 2)), static_argnums=4
@@ -194,7 +197,7 @@ def test_cpu_kernel_runs_and_matches_flax_over_the_whole_swish_range(swish):
 @pytest.mark.usefixtures("cpu_depthwise_kernel")
 def test_cpu_kernel_on_a_sharded_batch_matches_one_device():
     """Batch over ``data`` of a 4x2 mesh: the statistics stay the global batch's, values and
-    gradients equal one device, the sums run on each device's quarter of the batch and nothing
+    gradients equal one device, the kernels run on each device's quarter of the batch and nothing
     is gathered."""
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("data", "model"))
     rng = np.random.default_rng(7)
@@ -213,9 +216,15 @@ def test_cpu_kernel_on_a_sharded_batch_matches_one_device():
     for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-4)
     hlo = sharded.lower(x, scale, bias, t).compile().as_text()
-    calls = [line for line in hlo.splitlines() if 'custom_call_target="effdet_' in line]
-    assert len(calls) == 1
-    assert all(re.search(r"= f32\[2,2,16\]", line) for line in calls), calls
+    calls = {re.search(r'custom_call_target="(\w+)"', line).group(1): line
+             for line in hlo.splitlines() if 'custom_call_target="effdet_' in line}
+    # Each device's quarter of the batch: per-image sums [2, 2, C], the input gradient [2, H, W, C].
+    assert set(calls) == {"effdet_channel_sums", "effdet_bn_swish", "effdet_bn_backward_sums",
+                          "effdet_bn_backward_input"}
+    assert re.search(r"= f32\[2,2,16\]", calls["effdet_channel_sums"])
+    assert re.search(r"= f32\[2,2,16\]", calls["effdet_bn_backward_sums"])
+    assert re.search(r"= f32\[2,6,6,16\]", calls["effdet_bn_swish"])
+    assert re.search(r"= f32\[2,6,6,16\]", calls["effdet_bn_backward_input"])
     assert "all-gather" not in hlo
 
 
@@ -232,3 +241,42 @@ def test_cpu_sums_match_float64(shape):
     for got, terms in zip(sums, (x64, x64 * x64), strict=True):
         error = np.abs(np.asarray(got, np.float64) - terms.sum((0, 1, 2)))
         assert np.all(error <= 1e-6 * np.abs(terms).sum((0, 1, 2))), error
+
+
+@pytest.mark.usefixtures("cpu_depthwise_kernel")
+@pytest.mark.parametrize("swish", [True, False])
+def test_cpu_backward_kernels_match_float64(swish):
+    """The backward kernels' sums and input gradient, and the forward swish, against float64
+    numpy (``exp`` exact), for
+    pre-activations z from -100 to 100 and channel counts on and off the 8-lane vector: the sums
+    to float32 accuracy relative to the sum of the terms' magnitudes, the gradient elementwise."""
+    from effdet_jax.kernels import batch_norm_cpu
+
+    rng = np.random.default_rng(9)
+    shape = (2, 7, 5, 19)
+    x = rng.standard_normal(shape).astype(np.float32) * 2.0 + 0.3
+    gy = rng.standard_normal(shape).astype(np.float32)
+    a = np.linspace(-30.0, 30.0, 19).astype(np.float32)
+    mean, bias = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
+    c1, c0 = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
+    sums = jax.jit(batch_norm_cpu.backward_sums, static_argnums=5)(
+        *map(jnp.asarray, (x, gy, a, mean, bias)), swish)
+    gx = jax.jit(batch_norm_cpu.backward_input, static_argnums=7)(
+        *map(jnp.asarray, (x, gy, a, mean, bias, c1, c0)), swish)
+
+    x64, gy64 = x.astype(np.float64), gy.astype(np.float64)
+    centred = x64 - mean
+    z = centred * a + bias
+    assert z.min() < -80 and z.max() > 80
+    sig = 1.0 / (1.0 + np.exp(-z))
+    gz = gy64 * sig * (1.0 + z * (1.0 - sig)) if swish else gy64
+    for got, terms in zip(sums, (gz, gz * centred), strict=True):
+        error = np.abs(np.asarray(got, np.float64) - terms.sum((0, 1, 2)))
+        assert np.all(error <= 2e-6 * np.abs(terms).sum((0, 1, 2)) + 1e-30), error
+    want = a * gz + c1 * centred + c0
+    scale = np.abs(a * gz) + np.abs(c1 * centred) + np.abs(c0)
+    assert np.all(np.abs(np.asarray(gx, np.float64) - want) <= 2e-6 * scale + 1e-30)
+    if swish:
+        y = jax.jit(batch_norm_cpu.swish_apply)(*map(jnp.asarray, (x, a, mean, bias)))
+        want = z * sig
+        assert np.all(np.abs(np.asarray(y, np.float64) - want) <= 1e-6 * np.abs(z) + 1e-30)
