@@ -124,28 +124,29 @@ inline float GradZ(float x, float gy, float a, float mean, float bias, float* ce
   return gy * (sig * (1.0f + z * (1.0f - sig)));
 }
 
-// Runs pixel(p) for every pixel p of [N, H, W] in tasks of 8 rows (consecutive memory).
+// Runs pixel(p) for every pixel p of [N, H, W] in tasks of up to 8 rows (consecutive memory;
+// one row per task for small maps, so that every thread still has work).
 template <typename F>
 void ParallelPixels(ffi::ThreadPool& pool, const Shape& s, const F& pixel) {
-  constexpr int64_t kRowsPerTask = 8;
-  const int64_t rows = s.n * s.h, tasks = (rows + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t rows = s.n * s.h, per_task = std::clamp<int64_t>(rows / 16, 1, 8);
+  const int64_t tasks = (rows + per_task - 1) / per_task;
   ParallelFor(pool, tasks, [&](int64_t task) {
-    const int64_t end = std::min(rows, (task + 1) * kRowsPerTask) * s.w;
-    for (int64_t p = task * kRowsPerTask * s.w; p < end; ++p) pixel(p);
+    const int64_t end = std::min(rows, (task + 1) * per_task) * s.w;
+    for (int64_t p = task * per_task * s.w; p < end; ++p) pixel(p);
   });
 }
 
-ffi::Error CheckBackward(ffi::Span<const int64_t> x, ffi::Span<const int64_t> gy, ffi::Span<const int64_t> coefs,
+ffi::Error CheckOperands(ffi::Span<const int64_t> x, ffi::Span<const int64_t> gy, ffi::Span<const int64_t> coefs,
                          int64_t rows, Shape* shape) {
   if (x.size() != 4 || gy.size() != 4 || coefs.size() != 2) {
-    return ffi::Error::InvalidArgument("batch-norm backward: x and gy must be [N, H, W, C], coefs [K, C]");
+    return ffi::Error::InvalidArgument("batch-norm: x and gy must be [N, H, W, C], coefs [K, C]");
   }
   *shape = Shape{x[0], x[1], x[2], x[3]};
   for (int k = 0; k < 4; ++k) {
-    if (gy[k] != x[k]) return ffi::Error::InvalidArgument("batch-norm backward: gy's shape differs from x's");
+    if (gy[k] != x[k]) return ffi::Error::InvalidArgument("batch-norm: gy's shape differs from x's");
   }
   if (coefs[0] != rows || coefs[1] != shape->c) {
-    return ffi::Error::InvalidArgument("batch-norm backward: coefs have the wrong shape");
+    return ffi::Error::InvalidArgument("batch-norm: coefs must be [K, C] with K rows for this kernel");
   }
   return ffi::Error::Success();
 }
@@ -180,7 +181,7 @@ void BackwardSums(ffi::ThreadPool& pool, const Shape& s, const float* x, const f
 ffi::Error BnBackwardSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                           ffi::Buffer<ffi::F32> coefs, ffi::ResultBuffer<ffi::F32> sums, int64_t swish) {
   Shape s;
-  if (auto e = CheckBackward(x.dimensions(), gy.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
+  if (auto e = CheckOperands(x.dimensions(), gy.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
   const auto d = sums->dimensions();
   if (d.size() != 3 || d[0] != s.n || d[1] != 2 || d[2] != s.c) {
     return ffi::Error::InvalidArgument("batch-norm backward: the sums must be [N, 2, C]");
@@ -220,7 +221,7 @@ void BackwardInput(ffi::ThreadPool& pool, const Shape& s, const float* x, const 
 ffi::Error BnBackwardInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> gy,
                            ffi::Buffer<ffi::F32> coefs, ffi::ResultBuffer<ffi::F32> gx, int64_t swish) {
   Shape s;
-  if (auto e = CheckBackward(x.dimensions(), gy.dimensions(), coefs.dimensions(), 5, &s); e.failure()) return e;
+  if (auto e = CheckOperands(x.dimensions(), gy.dimensions(), coefs.dimensions(), 5, &s); e.failure()) return e;
   if (gx->element_count() != x.element_count()) {
     return ffi::Error::InvalidArgument("batch-norm backward: gx must have x's shape");
   }
@@ -235,7 +236,8 @@ ffi::Error BnBackwardInput(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::B
 ffi::Error BnSwish(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> coefs,
                    ffi::ResultBuffer<ffi::F32> y) {
   Shape s;
-  if (auto e = CheckBackward(x.dimensions(), x.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
+  // x stands in for gy, which this kernel does not take.
+  if (auto e = CheckOperands(x.dimensions(), x.dimensions(), coefs.dimensions(), 3, &s); e.failure()) return e;
   if (y->element_count() != x.element_count()) return ffi::Error::InvalidArgument("batch-norm: y must have x's shape");
   const float* xp = x.typed_data();
   const float *a = coefs.typed_data(), *mean = a + s.c, *bias = a + 2 * s.c;

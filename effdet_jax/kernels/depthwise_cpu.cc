@@ -8,7 +8,12 @@
 // Why this exists: XLA:CPU lowers the shift-and-add depthwise formulation to one strided slice
 // fusion per tap, and its kernel gradient to a multiply and a reduction over the major axes;
 // together they were 28 % of the EfficientDet-D0 train step (benchmarks/RESULTS.md). Here each
-// output vector of 8 channels is accumulated in a register over all taps.
+// output vector of 8 channels is accumulated in a register over all taps. Where every tap lies
+// inside x (all but the border columns) and the geometry is one EfficientDet uses (3x3 or 5x5,
+// dilation 1, channels a multiple of 8), templated paths keep the weights in registers and
+// compute several outputs per pass (forward; input gradient at stride 1, which is a forward
+// correlation with the turned kernel) or keep independent sums per tap (kernel gradient); the
+// general loops handle the rest.
 //
 // Threads: work is split into rows (or fixed row chunks for the kernel gradient) taken from an
 // atomic counter by the calling thread and by helpers on XLA's intra-op thread pool. Results do
@@ -77,9 +82,9 @@ inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, co
 // Interior output columns [begin, end) of one output row, where all KW taps of every tap row lie
 // inside x (dilation 1, channels a multiple of 8). Four neighbouring outputs are computed together
 // with the tap row's KW weight vectors held in registers, so each loaded input vector serves
-// several outputs; the summation order per output (tap rows, then taps left to right) is that of
-// AccumulateTaps, so both paths give the same bits. Returns the first column not done (the caller
-// finishes a remainder of fewer than four).
+// several outputs; each output sums its taps in AccumulateTaps' order (tap rows, then taps left
+// to right). Returns the first column not done (the caller finishes a remainder of fewer than
+// four).
 template <int KW, int S>
 int64_t ForwardInterior(const Geometry& g, int rows, const float* const* src_rows, const int64_t* row_tap,
                         const float* k, float* yrow, int64_t begin, int64_t end) {
@@ -244,8 +249,10 @@ void KernelGradRowFast(const Geometry& g, const float* x, const float* dy, float
       }
       for (int b = 0; b < KW; ++b) {
         v8 sum = Load(acc + b * c + ch) + (even[b] + odd[b]);
-        auto add = [&](int64_t j0, int64_t j1) {
-          for (int64_t jj = j0; jj < j1; ++jj) sum += Load(xrow + (jj * S + b - g.pad_left) * c + ch) * Load(grow + jj * c + ch);
+        auto add = [&](int64_t j0, int64_t j1) {  // border columns, where tap b alone may be valid
+          for (int64_t jj = j0; jj < j1; ++jj) {
+            sum += Load(xrow + (jj * S + b - g.pad_left) * c + ch) * Load(grow + jj * c + ch);
+          }
         };
         add(first[b], std::min(lo, stop[b]));
         add(std::max(j, first[b]), stop[b]);
@@ -285,14 +292,15 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
   return ffi::Error::Success();
 }
 
-// Runs row(0) .. row(count - 1) in tasks of consecutive rows: a thread that computes output row
-// i next computes row i + 1, whose input rows it mostly has in its cache already.
+// Runs row(0) .. row(count - 1) in tasks of up to 8 consecutive rows: a thread that computes
+// output row i next computes row i + 1, whose input rows it mostly has in its cache already.
+// Small maps get one row per task, so that every thread still has work.
 template <typename F>
 void ParallelRows(ffi::ThreadPool& pool, int64_t count, const F& row) {
-  constexpr int64_t kRowsPerTask = 8;
-  const int64_t tasks = (count + kRowsPerTask - 1) / kRowsPerTask;
+  const int64_t per_task = std::clamp<int64_t>(count / 16, 1, 8);
+  const int64_t tasks = (count + per_task - 1) / per_task;
   ParallelFor(pool, tasks, [&](int64_t task) {
-    for (int64_t r = task * kRowsPerTask; r < std::min(count, (task + 1) * kRowsPerTask); ++r) row(r);
+    for (int64_t r = task * per_task; r < std::min(count, (task + 1) * per_task); ++r) row(r);
   });
 }
 

@@ -32,6 +32,10 @@ CASES = [
     ((2, 10, 10, 8), 3, 1, 2),
     ((1, 1, 1, 8), 3, 2, 1),
     ((2, 2, 3, 5), 5, 1, 1),
+    # Wide enough for several groups of the interior fast paths (and an odd remainder).
+    ((2, 9, 37, 32), 5, 1, 1),
+    ((2, 11, 23, 48), 3, 2, 1),
+    ((1, 6, 30, 16), 5, 2, 1),
 ]
 
 
