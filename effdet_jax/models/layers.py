@@ -296,11 +296,17 @@ def _depthwise_kernel_grad(x, g, kh, kw, stride, pads, dilation, parts: int = 8)
 depthwise_shift_add_vjp.defvjp(_depthwise_vjp_fwd, _depthwise_vjp_bwd)
 
 
+# Convolutions with at most this many inputs per output (kh * kw * Cin; the stem's 3x3x3 = 27)
+# take their kernel gradient on CPU as a matmul of the patches.
+PATCHES_MAX_DEPTH = 32
+
+
 def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
     """Dense 2D convolution with TF SAME padding; ``x`` NHWC, ``kernel`` HWIO.
 
     1x1 stride-1 convolutions are computed as a matmul over ``[N*H*W, Cin]``, XLA CPU's faster path
-    (``pointwise_conv``).
+    (``pointwise_conv``). On CPU, convolutions with few inputs per output (the stem: 3x3 over RGB)
+    take their kernel gradient as a matmul of the patches (``conv_patches_kernel_grad``).
     """
     kh, kw, cin, cout = kernel.shape
     if kh == 1 and kw == 1 and stride == 1:
@@ -309,9 +315,56 @@ def conv2d(x: jax.Array, kernel: jax.Array, stride: int = 1) -> jax.Array:
         tf_same_padding(x.shape[1], kh, stride),
         tf_same_padding(x.shape[2], kw, stride),
     )
+    if jax.default_backend() == "cpu" and kh * kw * cin <= PATCHES_MAX_DEPTH:
+        return conv_patches_kernel_grad(x, kernel, stride, pads)
+    return _conv(x, kernel, stride, pads)
+
+
+def _conv(x, kernel, stride, pads):
     return lax.conv_general_dilated(
         x, kernel, (stride, stride), pads, dimension_numbers=("NHWC", "HWIO", "NHWC")
     )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def conv_patches_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, pads) -> jax.Array:
+    """``lax.conv_general_dilated`` (NHWC, HWIO, explicit ``pads``) whose kernel gradient is
+    ``patches^T dy``: the ``[N*OH*OW, kh*kw*Cin]`` patches (strided slices of the padded input, in
+    HWIO order) contracted with ``dy [N*OH*OW, Cout]`` in one matmul.
+
+    Why: XLA:CPU's kernel gradient of the stem (3x3, stride 2, 3 input channels) is a convolution
+    over the whole batch that ran at a fraction of its matmul speed: D0 at 512 batch 4, forward
+    and kernel gradient 27 ms as convolutions, 16-18 ms this way (benchmarks/RESULTS.md). The
+    forward pass and the input gradient stay XLA's convolutions (the forward is faster as one).
+    """
+    return _conv(x, kernel, stride, pads)
+
+
+def _conv_patches_fwd(x, kernel, stride, pads):
+    return _conv(x, kernel, stride, pads), (x, kernel)
+
+
+def _conv_patches_bwd(stride, pads, residuals, dy):
+    x, kernel = residuals
+    kh, kw, cin, cout = kernel.shape
+    _, conv_vjp = jax.vjp(lambda x: _conv(x, kernel, stride, pads), x)
+    (dx,) = conv_vjp(dy)  # XLA drops it when x needs no gradient (the images)
+    xp = jnp.pad(x, ((0, 0), pads[0], pads[1], (0, 0)))
+    out_h, out_w = dy.shape[1], dy.shape[2]
+    taps = [
+        lax.slice(
+            xp, (0, a, b, 0),
+            (xp.shape[0], a + (out_h - 1) * stride + 1, b + (out_w - 1) * stride + 1, cin),
+            (1, stride, stride, 1),
+        )
+        for a in range(kh) for b in range(kw)
+    ]
+    patches = jnp.concatenate(taps, axis=-1).reshape(-1, kh * kw * cin)
+    dk = lax.dot_general(patches, dy.reshape(-1, cout), (((0,), (0,)), ((), ())))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+conv_patches_kernel_grad.defvjp(_conv_patches_fwd, _conv_patches_bwd)
 
 
 @jax.custom_vjp

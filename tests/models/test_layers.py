@@ -21,6 +21,26 @@ def test_conv2d_matches_tf_same(size, kernel, stride):
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("size", [7, 16, 33])
+@pytest.mark.parametrize("kernel,stride,cin", [(3, 2, 3), (3, 1, 3), (5, 2, 1)])
+def test_small_conv_gradients_match_tensorflow(size, kernel, stride, cin):
+    """Convolutions with few inputs per output (the stem: 3x3 over RGB) take their kernel
+    gradient as a matmul of the patches on CPU: input and kernel gradients against TF's."""
+    assert kernel * kernel * cin <= layers.PATCHES_MAX_DEPTH
+    rng = np.random.default_rng(size + kernel + stride)
+    x = rng.standard_normal((2, size, size + 1, cin)).astype(np.float32)
+    w = rng.standard_normal((kernel, kernel, cin, 5)).astype(np.float32)
+    t = rng.standard_normal(tf.nn.conv2d(x, w, strides=stride, padding="SAME").shape).astype(np.float32)
+    xv, wv = tf.Variable(x), tf.Variable(w)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.nn.conv2d(xv, wv, strides=stride, padding="SAME") * t)
+    ref_dx, ref_dw = (g.numpy() for g in tape.gradient(loss, [xv, wv]))
+    dx, dw = jax.jit(jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, stride) * t), argnums=(0, 1)))(
+        jnp.asarray(x), jnp.asarray(w))
+    np.testing.assert_allclose(np.asarray(dx), ref_dx, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dw), ref_dw, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("size", [7, 8, 15, 16])
 @pytest.mark.parametrize("kernel,stride", [(3, 1), (3, 2), (5, 1), (5, 2)])
 @pytest.mark.parametrize("impl", ["lax", "shift_add", "cpu_ffi"])
