@@ -334,7 +334,7 @@ def conv_patches_kernel_grad(x: jax.Array, kernel: jax.Array, stride: int, pads)
 
     Why: XLA:CPU's kernel gradient of the stem (3x3, stride 2, 3 input channels) is a convolution
     over the whole batch that ran at a fraction of its matmul speed: D0 at 512 batch 4, forward
-    and kernel gradient 27 ms as convolutions, 16-18 ms this way (benchmarks/RESULTS.md). The
+    and kernel gradient 25 ms as convolutions, 15 ms this way (benchmarks/RESULTS.md). The
     forward pass and the input gradient stay XLA's convolutions (the forward is faster as one).
     """
     return _conv(x, kernel, stride, pads)
