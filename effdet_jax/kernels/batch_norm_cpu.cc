@@ -32,6 +32,7 @@ namespace ffi = xla::ffi;
 using effdet_cpu::Exp;
 using effdet_cpu::Load;
 using effdet_cpu::ParallelFor;
+using effdet_cpu::ParallelRows;
 using effdet_cpu::Splat;
 using effdet_cpu::Store;
 using effdet_cpu::v8;
@@ -124,15 +125,11 @@ inline float GradZ(float x, float gy, float a, float mean, float bias, float* ce
   return gy * (sig * (1.0f + z * (1.0f - sig)));
 }
 
-// Runs pixel(p) for every pixel p of [N, H, W] in tasks of up to 8 rows (consecutive memory;
-// one row per task for small maps, so that every thread still has work).
+// Runs pixel(p) for every pixel p of [N, H, W], a row of pixels at a time (ParallelRows).
 template <typename F>
 void ParallelPixels(ffi::ThreadPool& pool, const Shape& s, const F& pixel) {
-  const int64_t rows = s.n * s.h, per_task = std::clamp<int64_t>(rows / 16, 1, 8);
-  const int64_t tasks = (rows + per_task - 1) / per_task;
-  ParallelFor(pool, tasks, [&](int64_t task) {
-    const int64_t end = std::min(rows, (task + 1) * per_task) * s.w;
-    for (int64_t p = task * per_task * s.w; p < end; ++p) pixel(p);
+  ParallelRows(pool, s.n * s.h, [&](int64_t row) {
+    for (int64_t p = row * s.w; p < (row + 1) * s.w; ++p) pixel(p);
   });
 }
 

@@ -1,5 +1,5 @@
-// Shared by the XLA:CPU FFI kernels: an 8-float vector type, exp of it, and a ParallelFor over
-// XLA's intra-op thread pool.
+// Shared by the XLA:CPU FFI kernels: an 8-float vector type, exp of it, and ParallelFor /
+// ParallelRows over XLA's intra-op thread pool.
 
 #ifndef EFFDET_JAX_KERNELS_CPU_COMMON_H_
 #define EFFDET_JAX_KERNELS_CPU_COMMON_H_
@@ -80,6 +80,18 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& body) {
   work();
   std::unique_lock<std::mutex> lock(state->mu);
   state->cv.wait(lock, [&] { return state->done.load() == count; });
+}
+
+// Runs row(0) .. row(count - 1) in tasks of up to 8 consecutive rows: a thread that computes
+// output row i next computes row i + 1, whose input rows it mostly has in its cache already.
+// Small maps get one row per task, so that every thread still has work.
+template <typename F>
+void ParallelRows(ffi::ThreadPool& pool, int64_t count, const F& row) {
+  const int64_t per_task = std::clamp<int64_t>(count / 16, 1, 8);
+  const int64_t tasks = (count + per_task - 1) / per_task;
+  ParallelFor(pool, tasks, [&](int64_t task) {
+    for (int64_t r = task * per_task; r < std::min(count, (task + 1) * per_task); ++r) row(r);
+  });
 }
 
 }  // namespace effdet_cpu

@@ -31,6 +31,7 @@
 namespace ffi = xla::ffi;
 using effdet_cpu::Load;
 using effdet_cpu::ParallelFor;
+using effdet_cpu::ParallelRows;
 using effdet_cpu::Store;
 using effdet_cpu::v8;
 
@@ -290,18 +291,6 @@ ffi::Error MakeGeometry(ffi::Span<const int64_t> x_dims, ffi::Span<const int64_t
     return ffi::Error::InvalidArgument("depthwise: kernels up to 16 x 16 are supported");
   }
   return ffi::Error::Success();
-}
-
-// Runs row(0) .. row(count - 1) in tasks of up to 8 consecutive rows: a thread that computes
-// output row i next computes row i + 1, whose input rows it mostly has in its cache already.
-// Small maps get one row per task, so that every thread still has work.
-template <typename F>
-void ParallelRows(ffi::ThreadPool& pool, int64_t count, const F& row) {
-  const int64_t per_task = std::clamp<int64_t>(count / 16, 1, 8);
-  const int64_t tasks = (count + per_task - 1) / per_task;
-  ParallelFor(pool, tasks, [&](int64_t task) {
-    for (int64_t r = task * per_task; r < std::min(count, (task + 1) * per_task); ++r) row(r);
-  });
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,

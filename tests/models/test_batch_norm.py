@@ -247,9 +247,9 @@ def test_cpu_sums_match_float64(shape):
 @pytest.mark.parametrize("swish", [True, False])
 def test_cpu_backward_kernels_match_float64(swish):
     """The backward kernels' sums and input gradient, and the forward swish, against float64
-    numpy (``exp`` exact), for
-    pre-activations z from -100 to 100 and channel counts on and off the 8-lane vector: the sums
-    to float32 accuracy relative to the sum of the terms' magnitudes, the gradient elementwise."""
+    numpy (``exp`` exact), for pre-activations z from -100 to 100 and channel counts on and off
+    the 8-lane vector: the sums to float32 accuracy relative to the sum of the terms' magnitudes,
+    the gradient and the swish elementwise."""
     from effdet_jax.kernels import batch_norm_cpu
 
     rng = np.random.default_rng(9)
