@@ -80,7 +80,8 @@ def op_kinds(hlo_text: str) -> dict[str, str]:
     kinds = {}
     for lines in comps.values():
         for line in lines:
-            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = [^ ]+ ([\w\-]+)\(", line)
+            # The result type is one token, or a tuple "(f32[..]{..}, s32[..]{..})" with spaces.
+            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^()]*\)|[^ ]+) ([\w\-]+)\(", line)
             if not m:
                 continue
             name, opcode = m.group(1), m.group(2)

@@ -75,6 +75,19 @@ def pad_or_truncate_gt(
     return out_boxes, out_classes, int(num_dropped)
 
 
+def first_argmax(x: jax.Array, x_max: jax.Array, axis: int) -> jax.Array:
+    """``jnp.argmax(x, axis)`` (the first index on ties) given ``x_max = jnp.max(x, axis)``.
+
+    Computed as a min-reduce over the positions that hold the max: XLA:CPU runs the variadic
+    (value, index) reduce that ``jnp.argmax`` lowers to an order of magnitude slower than two plain
+    reduces (target assignment at D1 640, batch 4: 80 ms of a 1.4 s train step). NaN-free ``x``.
+    """
+    axis = axis % x.ndim
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, axis)
+    hit = x == jnp.expand_dims(x_max, axis)
+    return jnp.min(jnp.where(hit, iota, x.shape[axis]), axis=axis)
+
+
 def pairwise_iou(boxes1: jax.Array, boxes2: jax.Array) -> jax.Array:
     """IoU ``[N, M]`` of yxyx boxes ``[N, 4]`` x ``[M, 4]``, with automl's float32 op order
     (``box_list_ops.iou``: no +1, and exactly 0 where the boxes do not intersect)."""
@@ -103,8 +116,8 @@ def _assign_one(
     iou = pairwise_iou(gt_boxes, anchors)  # [M, A]
     # Rows that are not real gt must never win the argmax: -1 is below any IoU.
     sim = jnp.where(valid[:, None], iou, -1.0)
-    best_gt = jnp.argmax(sim, axis=0)  # first max, like tf.argmax
     best_iou = jnp.max(sim, axis=0)
+    best_gt = first_argmax(sim, best_iou, axis=0)  # first max, like tf.argmax
     matches = jnp.where(
         best_iou >= matched_threshold,
         best_gt,
@@ -113,8 +126,9 @@ def _assign_one(
 
     # Force-match: each gt claims its best anchor; an anchor claimed by several gt goes to the
     # lowest gt index (automl: argmax over the one-hot force-match indicators).
-    best_anchor = jnp.argmax(sim, axis=1)  # [M]
-    forces = valid & (jnp.max(sim, axis=1) > 0)
+    gt_best_iou = jnp.max(sim, axis=1)
+    best_anchor = first_argmax(sim, gt_best_iou, axis=1)  # [M]
+    forces = valid & (gt_best_iou > 0)
     claimant = jnp.full(anchors.shape[0], num_gt, jnp.int32)
     claimant = claimant.at[best_anchor].min(jnp.where(forces, jnp.arange(num_gt), num_gt))
     matches = jnp.where(claimant < num_gt, claimant, matches).astype(jnp.int32)

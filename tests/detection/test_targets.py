@@ -10,6 +10,7 @@ from conftest import load_torch_reference
 from effdet_jax.detection.anchors import AnchorConfig, generate_anchors
 from effdet_jax.detection.targets import (
     assign_targets,
+    first_argmax,
     flatten_level_outputs,
     pad_or_truncate_gt,
     split_levels,
@@ -112,6 +113,15 @@ def test_crowd_and_between_thresholds_are_ignored(assign_jit):
     crowd_only = (real < 0.4) & (crowd >= 0.4)
     assert crowd_only.any() and np.all(cls[crowd_only] == -2)
     assert np.all(cls[(real < 0.4) & (crowd < 0.4)] == -1)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_first_argmax_is_numpys_argmax(axis):
+    """Ties everywhere (small integers) and -1 rows: the first index of the max, as np.argmax."""
+    x = np.random.default_rng(axis + 5).integers(-1, 3, (7, 300)).astype(np.float32)
+    x[2] = -1.0
+    got = jax.jit(lambda x: first_argmax(x, jnp.max(x, axis=axis), axis))(jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(got), np.argmax(x, axis=axis))
 
 
 def test_pad_or_truncate_gt():

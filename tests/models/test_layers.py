@@ -122,6 +122,38 @@ def test_max_pool_matches_tf_same(size):
     np.testing.assert_array_equal(np.asarray(layers.max_pool_same(jnp.asarray(x))), ref)
 
 
+@pytest.mark.parametrize("shape,window,stride", [
+    ((2, 9, 9, 3), 3, 2), ((2, 8, 11, 5), 3, 2), ((1, 64, 64, 16), 3, 2), ((2, 17, 17, 2), 5, 4),
+    ((1, 40, 40, 3), 13, 12),  # 169 taps: the int32 tap index
+])
+def test_max_pool_gradient_matches_tf_and_select_and_scatter(shape, window, stride):
+    """The hand-written backward pass of ``max_pool_same`` against TensorFlow's ``MaxPoolGrad``
+    and XLA's ``select_and_scatter`` (autodiff of ``lax.reduce_window``). The input holds small
+    integers, so most windows have ties: the gradient must go to the first maximum in row-major
+    order. Integer cotangents keep every sum exact, so the comparison is exact too."""
+    rng = np.random.default_rng(sum(shape) + window)
+    x = rng.integers(-3, 3, shape).astype(np.float32)
+    y = tf.nn.max_pool2d(x, ksize=window, strides=stride, padding="SAME")
+    dy = rng.integers(-4, 5, y.shape).astype(np.float32)
+    xv = tf.Variable(x)
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.nn.max_pool2d(xv, ksize=window, strides=stride, padding="SAME") * dy)
+    ref_tf = tape.gradient(loss, xv).numpy()
+
+    def pool_lax(x):
+        pads = ((0, 0), layers.tf_same_padding(shape[1], window, stride),
+                layers.tf_same_padding(shape[2], window, stride), (0, 0))
+        return jax.lax.reduce_window(x, -jnp.inf, jax.lax.max, (1, window, window, 1),
+                                     (1, stride, stride, 1), pads)
+
+    ref_xla = jax.vjp(pool_lax, jnp.asarray(x))[1](jnp.asarray(dy))[0]
+    out, vjp = jax.vjp(lambda x: layers.max_pool_same(x, window, stride), jnp.asarray(x))
+    np.testing.assert_array_equal(np.asarray(out), y.numpy())
+    dx = jax.jit(vjp)(jnp.asarray(dy))[0]
+    np.testing.assert_array_equal(np.asarray(dx), np.asarray(ref_xla))
+    np.testing.assert_array_equal(np.asarray(dx), ref_tf)
+
+
 @pytest.mark.parametrize("src,dst", [(3, 5), (5, 10), (4, 8), (10, 20), (20, 40), (5, 9), (7, 13)])
 def test_legacy_nearest_resize_matches_tf1(src, dst):
     x = np.random.default_rng(src * dst).standard_normal((1, src, src, 2)).astype(np.float32)
