@@ -35,6 +35,9 @@ using effdet_cpu::ParallelFor;
 using effdet_cpu::ParallelRows;
 using effdet_cpu::Splat;
 using effdet_cpu::Store;
+using effdet_cpu::Load16;
+using effdet_cpu::Store16;
+using effdet_cpu::v16;
 using effdet_cpu::v8;
 
 namespace {
@@ -106,14 +109,14 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resul
   return ffi::Error::Success();
 }
 
-// gz = gy * swish'(z) (or gy) and x - mean, for 8 channels and for one.
-template <bool kSwish>
-inline v8 GradZ(v8 x, v8 gy, v8 a, v8 mean, v8 bias, v8* centred) {
+// gz = gy * swish'(z) (or gy) and x - mean, for 16 or 8 channels and for one.
+template <bool kSwish, typename V>
+inline V GradZ(V x, V gy, V a, V mean, V bias, V* centred) {
   *centred = x - mean;
   if (!kSwish) return gy;
-  const v8 z = *centred * a + bias;
-  const v8 sig = Splat(1.0f) / (Splat(1.0f) + Exp(-z));
-  return gy * (sig * (Splat(1.0f) + z * (Splat(1.0f) - sig)));
+  const V z = *centred * a + bias;
+  const V sig = 1.0f / (1.0f + Exp(-z));
+  return gy * (sig * (1.0f + z * (1.0f - sig)));
 }
 
 template <bool kSwish>
@@ -157,6 +160,13 @@ void BackwardSums(ffi::ThreadPool& pool, const Shape& s, const float* x, const f
     const float* gr = gy + row * s.w * s.c;
     for (int64_t j = 0; j < s.w; ++j, xr += s.c, gr += s.c) {
       int64_t ch = 0;
+      for (; ch + 16 <= s.c; ch += 16) {
+        v16 centred;
+        const v16 gz = GradZ<kSwish>(Load16(xr + ch), Load16(gr + ch), Load16(a + ch), Load16(mean + ch),
+                                     Load16(bias + ch), &centred);
+        Store16(s0 + ch, Load16(s0 + ch) + gz);
+        Store16(s1 + ch, Load16(s1 + ch) + gz * centred);
+      }
       for (; ch + 8 <= s.c; ch += 8) {
         v8 centred;
         const v8 gz = GradZ<kSwish>(Load(xr + ch), Load(gr + ch), Load(a + ch), Load(mean + ch), Load(bias + ch),
@@ -201,6 +211,13 @@ void BackwardInput(ffi::ThreadPool& pool, const Shape& s, const float* x, const 
     const float* gr = gy + pixel * s.c;
     float* out = gx + pixel * s.c;
     int64_t ch = 0;
+    for (; ch + 16 <= s.c; ch += 16) {
+      v16 centred;
+      const v16 av = Load16(a + ch);
+      const v16 gz = GradZ<kSwish>(Load16(xr + ch), Load16(gr + ch), av, Load16(mean + ch), Load16(bias + ch),
+                                   &centred);
+      Store16(out + ch, av * gz + Load16(c1 + ch) * centred + Load16(c0 + ch));
+    }
     for (; ch + 8 <= s.c; ch += 8) {
       v8 centred;
       const v8 av = Load(a + ch);
@@ -243,6 +260,10 @@ ffi::Error BnSwish(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
     const float* xr = xp + p * s.c;
     float* out = yp + p * s.c;
     int64_t ch = 0;
+    for (; ch + 16 <= s.c; ch += 16) {
+      const v16 z = (Load16(xr + ch) - Load16(mean + ch)) * Load16(a + ch) + Load16(bias + ch);
+      Store16(out + ch, z / (1.0f + Exp(-z)));
+    }
     for (; ch + 8 <= s.c; ch += 8) {
       const v8 z = (Load(xr + ch) - Load(mean + ch)) * Load(a + ch) + Load(bias + ch);
       Store(out + ch, z / (Splat(1.0f) + Exp(-z)));

@@ -1,4 +1,4 @@
-// Shared by the XLA:CPU FFI kernels: an 8-float vector type, exp of it, and ParallelFor /
+// Shared by the XLA:CPU FFI kernels: 8- and 16-float vector types, exp of them, and ParallelFor /
 // ParallelRows over XLA's intra-op thread pool.
 
 #ifndef EFFDET_JAX_KERNELS_CPU_COMMON_H_
@@ -26,27 +26,49 @@ inline void Store(float* p, v8 v) { *reinterpret_cast<v8*>(p) = v; }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
 
+// 16 floats: one AVX-512 register where the CPU has them (-march=native), two AVX ones otherwise.
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+inline v16 Load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
+inline void Store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
+
 inline v8 Splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
 
-// exp of 8 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), exp(r) by a degree-7
-// Taylor-like polynomial (Cephes' expf coefficients), times 2^n built in the exponent bits.
-// Relative error below 2e-7 where the result is a normal float; x is clamped to [-87.3, 88.3].
-inline v8 Exp(v8 x) {
-  const v8 lo = Splat(-87.3f), hi = Splat(88.3f);
+template <typename V>
+struct IntVector;
+template <>
+struct IntVector<v8> {
+  typedef v8i type;
+};
+template <>
+struct IntVector<v16> {
+  typedef v16i type;
+};
+
+// exp of 8 or 16 floats: x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts), exp(r) by a
+// degree-7 Taylor-like polynomial (Cephes' expf coefficients), times 2^n built in the exponent
+// bits. Relative error below 2e-7 where the result is a normal float; x is clamped to
+// [-87.3, 88.3].
+template <typename V>
+inline V Exp(V x) {
+  const V zero = {};
+  const V lo = zero - 87.3f, hi = zero + 88.3f;
   x = x < lo ? lo : x;
   x = x > hi ? hi : x;
-  const v8 magic = Splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  const v8 n = (x * Splat(1.44269504088896341f) + magic) - magic;
-  const v8 r = (x - n * Splat(0.693359375f)) - n * Splat(-2.12194440e-4f);
-  v8 p = Splat(1.9875691500e-4f);
-  p = p * r + Splat(1.3981999507e-3f);
-  p = p * r + Splat(8.3334519073e-3f);
-  p = p * r + Splat(4.1665795894e-2f);
-  p = p * r + Splat(1.6666665459e-1f);
-  p = p * r + Splat(5.0000001201e-1f);
-  p = p * r * r + r + Splat(1.0f);
-  const v8i bits = (__builtin_convertvector(n, v8i) + 127) << 23;
-  return p * reinterpret_cast<const v8&>(bits);
+  const V magic = zero + 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  const V r = (x - n * 0.693359375f) - n * -2.12194440e-4f;
+  V p = zero + 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  typedef typename IntVector<V>::type VI;
+  const VI bits = (__builtin_convertvector(n, VI) + 127) << 23;
+  return p * reinterpret_cast<const V&>(bits);
 }
 
 // Runs body(0) .. body(count - 1) on the calling thread and on helpers from XLA's pool. The

@@ -244,21 +244,23 @@ def test_cpu_sums_match_float64(shape):
 
 
 @pytest.mark.usefixtures("cpu_depthwise_kernel")
+@pytest.mark.parametrize("channels", [11, 19, 27])
 @pytest.mark.parametrize("swish", [True, False])
-def test_cpu_backward_kernels_match_float64(swish):
+def test_cpu_backward_kernels_match_float64(swish, channels):
     """The backward kernels' sums and input gradient, and the forward swish, against float64
-    numpy (``exp`` exact), for pre-activations z from -100 to 100 and channel counts on and off
-    the 8-lane vector: the sums to float32 accuracy relative to the sum of the terms' magnitudes,
-    the gradient and the swish elementwise."""
+    numpy (``exp`` exact), for pre-activations z from -100 to 100 and channel counts that take
+    every path of the kernels (16-lane vectors, 8-lane vectors, scalar remainder: 11 = 8 + 3,
+    19 = 16 + 3, 27 = 16 + 8 + 3): the sums to float32 accuracy relative to the sum of the terms'
+    magnitudes, the gradient and the swish elementwise."""
     from effdet_jax.kernels import batch_norm_cpu
 
     rng = np.random.default_rng(9)
-    shape = (2, 7, 5, 19)
+    shape = (2, 7, 5, channels)
     x = rng.standard_normal(shape).astype(np.float32) * 2.0 + 0.3
     gy = rng.standard_normal(shape).astype(np.float32)
-    a = np.linspace(-30.0, 30.0, 19).astype(np.float32)
-    mean, bias = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
-    c1, c0 = (rng.standard_normal(19).astype(np.float32) for _ in range(2))
+    a = np.linspace(-30.0, 30.0, channels).astype(np.float32)
+    mean, bias = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
+    c1, c0 = (rng.standard_normal(channels).astype(np.float32) for _ in range(2))
     sums = jax.jit(batch_norm_cpu.backward_sums, static_argnums=5)(
         *map(jnp.asarray, (x, gy, a, mean, bias)), swish)
     gx = jax.jit(batch_norm_cpu.backward_input, static_argnums=7)(
