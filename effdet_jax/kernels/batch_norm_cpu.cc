@@ -94,6 +94,11 @@ ffi::Error ChannelSums(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Resul
     const float* src = xp + row * s.w * s.c;
     for (int64_t j = 0; j < s.w; ++j, src += s.c) {
       int64_t ch = 0;
+      for (; ch + 16 <= s.c; ch += 16) {
+        const v16 v = Load16(src + ch);
+        Store16(s0 + ch, Load16(s0 + ch) + v);
+        Store16(s1 + ch, Load16(s1 + ch) + v * v);
+      }
       for (; ch + 8 <= s.c; ch += 8) {
         const v8 v = Load(src + ch);
         Store(s0 + ch, Load(s0 + ch) + v);

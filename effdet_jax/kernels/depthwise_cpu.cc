@@ -8,7 +8,8 @@
 // Why this exists: XLA:CPU lowers the shift-and-add depthwise formulation to one strided slice
 // fusion per tap, and its kernel gradient to a multiply and a reduction over the major axes;
 // together they were 28 % of the EfficientDet-D0 train step (benchmarks/RESULTS.md). Here each
-// output vector of 8 channels is accumulated in a register over all taps. Where every tap lies
+// output vector of 16 channels (then 8, then single channels) is accumulated in a register over
+// all taps; 16-float vectors are one AVX-512 register where the CPU has them. Where every tap lies
 // inside x (all but the border columns) and the geometry is one EfficientDet uses (3x3 or 5x5,
 // dilation 1, channels a multiple of 8), templated paths keep the weights in registers and
 // compute several outputs per pass (forward; input gradient at stride 1, which is a forward
@@ -33,6 +34,7 @@ using effdet_cpu::Load;
 using effdet_cpu::ParallelFor;
 using effdet_cpu::ParallelRows;
 using effdet_cpu::Store;
+using effdet_cpu::v16;
 using effdet_cpu::v8;
 
 namespace {
@@ -54,20 +56,46 @@ inline void ValidColumns(int64_t offset, int64_t stride, int64_t width, int64_t 
 // Taps are at most kMaxTaps per axis (EfficientDet uses 3 and 5).
 constexpr int64_t kMaxTaps = 16;
 
-// Accumulates, for each block of 8 channels of one output vector, the products of `rows` x `cols`
+// Loads and stores for code templated on the vector type: through memcpy, because a template
+// argument drops the typedefs' aligned(4), and a dereference would then assume natural alignment.
+// always_inline: a per-block call (with vzeroupper) made the 16-wide paths no faster than 8.
+template <typename V>
+__attribute__((always_inline)) inline V LoadV(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void StoreV(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// One block of 16 or 8 channels of AccumulateTaps.
+template <typename V>
+__attribute__((always_inline)) inline void AccumulateTapsBlock(
+    int64_t c, int rows, const float* const* src_rows, const int64_t* row_tap, int cols, const int64_t* col_offset,
+    const int64_t* col_tap, int64_t kw, const float* k, float* __restrict out, int64_t ch) {
+  V acc = {};
+  for (int r = 0; r < rows; ++r) {
+    const float* src = src_rows[r] + ch;
+    const float* wrow = k + row_tap[r] * kw * c + ch;
+    for (int q = 0; q < cols; ++q) acc += LoadV<V>(src + col_offset[q]) * LoadV<V>(wrow + col_tap[q] * c);
+  }
+  StoreV<V>(out + ch, acc);
+}
+
+// Accumulates, for each block of 16 (then 8) channels of one output vector, the products of `rows` x `cols`
 // tap pairs in a register: out[ch] = sum_{r, q} src[r][q][ch] * weights[r][q][ch].
 inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, const int64_t* row_tap,
                            int cols, const int64_t* col_offset, const int64_t* col_tap, int64_t kw,
                            const float* k, float* __restrict out) {
   int64_t ch = 0;
+  for (; ch + 16 <= c; ch += 16) {
+    AccumulateTapsBlock<v16>(c, rows, src_rows, row_tap, cols, col_offset, col_tap, kw, k, out, ch);
+  }
   for (; ch + 8 <= c; ch += 8) {
-    v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
-    for (int r = 0; r < rows; ++r) {
-      const float* src = src_rows[r] + ch;
-      const float* wrow = k + row_tap[r] * kw * c + ch;
-      for (int q = 0; q < cols; ++q) acc += Load(src + col_offset[q]) * Load(wrow + col_tap[q] * c);
-    }
-    Store(out + ch, acc);
+    AccumulateTapsBlock<v8>(c, rows, src_rows, row_tap, cols, col_offset, col_tap, kw, k, out, ch);
   }
   for (; ch < c; ++ch) {
     float acc = 0.f;
@@ -86,6 +114,25 @@ inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, co
 // several outputs; each output sums its taps in AccumulateTaps' order (tap rows, then taps left
 // to right). Returns the first column not done (the caller finishes a remainder of fewer than
 // four).
+template <int KW, int S, typename V>
+__attribute__((always_inline)) inline void ForwardInteriorBlock(const Geometry& g, int rows,
+    const float* const* src_rows, const int64_t* row_tap, const float* k, float* yrow, int64_t j, int64_t ch) {
+  constexpr int kOutputs = 4;
+  const int64_t c = g.c;
+  V acc[kOutputs];
+  for (int t = 0; t < kOutputs; ++t) acc[t] = V{};
+  for (int r = 0; r < rows; ++r) {
+    const float* wrow = k + row_tap[r] * KW * c + ch;
+    V w[KW];
+    for (int b = 0; b < KW; ++b) w[b] = LoadV<V>(wrow + b * c);
+    const float* src = src_rows[r] + (j * S - g.pad_left) * c + ch;
+    for (int t = 0; t < kOutputs; ++t) {
+      for (int b = 0; b < KW; ++b) acc[t] += LoadV<V>(src + (t * S + b) * c) * w[b];
+    }
+  }
+  for (int t = 0; t < kOutputs; ++t) StoreV<V>(yrow + (j + t) * c + ch, acc[t]);
+}
+
 template <int KW, int S>
 int64_t ForwardInterior(const Geometry& g, int rows, const float* const* src_rows, const int64_t* row_tap,
                         const float* k, float* yrow, int64_t begin, int64_t end) {
@@ -93,20 +140,9 @@ int64_t ForwardInterior(const Geometry& g, int rows, const float* const* src_row
   const int64_t c = g.c;
   int64_t j = begin;
   for (; j + kOutputs <= end; j += kOutputs) {
-    for (int64_t ch = 0; ch < c; ch += 8) {
-      v8 acc[kOutputs];
-      for (int t = 0; t < kOutputs; ++t) acc[t] = v8{0, 0, 0, 0, 0, 0, 0, 0};
-      for (int r = 0; r < rows; ++r) {
-        const float* wrow = k + row_tap[r] * KW * c + ch;
-        v8 w[KW];
-        for (int b = 0; b < KW; ++b) w[b] = Load(wrow + b * c);
-        const float* src = src_rows[r] + (j * S - g.pad_left) * c + ch;
-        for (int t = 0; t < kOutputs; ++t) {
-          for (int b = 0; b < KW; ++b) acc[t] += Load(src + (t * S + b) * c) * w[b];
-        }
-      }
-      for (int t = 0; t < kOutputs; ++t) Store(yrow + (j + t) * c + ch, acc[t]);
-    }
+    int64_t ch = 0;
+    for (; ch + 16 <= c; ch += 16) ForwardInteriorBlock<KW, S, v16>(g, rows, src_rows, row_tap, k, yrow, j, ch);
+    for (; ch < c; ch += 8) ForwardInteriorBlock<KW, S, v8>(g, rows, src_rows, row_tap, k, yrow, j, ch);
   }
   return j;
 }
@@ -219,6 +255,36 @@ void KernelGradRow(const Geometry& g, const float* x, const float* dy, float* pa
 // KernelGradRow for dilation 1 and channels a multiple of 8: per tap row, the KW taps' sums
 // for two neighbouring output columns are kept in 2 * KW registers, so no add waits on the
 // previous one (the general loop is one dependent chain per tap).
+// One tap row's KW sums for one block of 16 or 8 channels (KernelGradRowFast).
+template <int KW, int S, typename V>
+__attribute__((always_inline)) inline void KernelGradBlock(const Geometry& g, const float* xrow, const float* grow,
+                                                           float* acc, const int64_t* first, const int64_t* stop,
+                                                           int64_t lo, int64_t hi, int64_t ch) {
+  const int64_t c = g.c;
+  V even[KW], odd[KW];
+  for (int b = 0; b < KW; ++b) even[b] = odd[b] = V{};
+  int64_t j = lo;
+  for (; j + 2 <= hi; j += 2) {
+    const V g0 = LoadV<V>(grow + j * c + ch), g1 = LoadV<V>(grow + (j + 1) * c + ch);
+    const float* src = xrow + (j * S - g.pad_left) * c + ch;  // column j*S - pl, valid for j >= lo
+    for (int b = 0; b < KW; ++b) {
+      even[b] += LoadV<V>(src + b * c) * g0;
+      odd[b] += LoadV<V>(src + (S + b) * c) * g1;
+    }
+  }
+  for (int b = 0; b < KW; ++b) {
+    V sum = LoadV<V>(acc + b * c + ch) + (even[b] + odd[b]);
+    auto add = [&](int64_t j0, int64_t j1) {  // border columns, where tap b alone may be valid
+      for (int64_t jj = j0; jj < j1; ++jj) {
+        sum += LoadV<V>(xrow + (jj * S + b - g.pad_left) * c + ch) * LoadV<V>(grow + jj * c + ch);
+      }
+    };
+    add(first[b], std::min(lo, stop[b]));
+    add(std::max(j, first[b]), stop[b]);
+    StoreV<V>(acc + b * c + ch, sum);
+  }
+}
+
 template <int KW, int S>
 void KernelGradRowFast(const Geometry& g, const float* x, const float* dy, float* partial, int64_t row) {
   const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
@@ -236,30 +302,9 @@ void KernelGradRowFast(const Geometry& g, const float* x, const float* dy, float
     if (iy < 0 || iy >= g.h) continue;
     const float* xrow = x + (n * g.h + iy) * g.w * c;
     float* acc = partial + a * KW * c;
-    for (int64_t ch = 0; ch < c; ch += 8) {
-      v8 even[KW], odd[KW];
-      for (int b = 0; b < KW; ++b) even[b] = odd[b] = v8{0, 0, 0, 0, 0, 0, 0, 0};
-      int64_t j = lo;
-      for (; j + 2 <= hi; j += 2) {
-        const v8 g0 = Load(grow + j * c + ch), g1 = Load(grow + (j + 1) * c + ch);
-        const float* src = xrow + (j * S - g.pad_left) * c + ch;  // column j*S - pl, valid for j >= lo
-        for (int b = 0; b < KW; ++b) {
-          even[b] += Load(src + b * c) * g0;
-          odd[b] += Load(src + (S + b) * c) * g1;
-        }
-      }
-      for (int b = 0; b < KW; ++b) {
-        v8 sum = Load(acc + b * c + ch) + (even[b] + odd[b]);
-        auto add = [&](int64_t j0, int64_t j1) {  // border columns, where tap b alone may be valid
-          for (int64_t jj = j0; jj < j1; ++jj) {
-            sum += Load(xrow + (jj * S + b - g.pad_left) * c + ch) * Load(grow + jj * c + ch);
-          }
-        };
-        add(first[b], std::min(lo, stop[b]));
-        add(std::max(j, first[b]), stop[b]);
-        Store(acc + b * c + ch, sum);
-      }
-    }
+    int64_t ch = 0;
+    for (; ch + 16 <= c; ch += 16) KernelGradBlock<KW, S, v16>(g, xrow, grow, acc, first, stop, lo, hi, ch);
+    for (; ch < c; ch += 8) KernelGradBlock<KW, S, v8>(g, xrow, grow, acc, first, stop, lo, hi, ch);
   }
 }
 

@@ -229,7 +229,7 @@ def test_cpu_kernel_on_a_sharded_batch_matches_one_device():
 
 
 @pytest.mark.usefixtures("cpu_depthwise_kernel")
-@pytest.mark.parametrize("shape", [(2, 9, 7, 19), (3, 1, 1, 8), (1, 40, 3, 3)])
+@pytest.mark.parametrize("shape", [(2, 9, 7, 19), (3, 1, 1, 8), (1, 40, 3, 3), (2, 5, 6, 27)])
 def test_cpu_sums_match_float64(shape):
     """The FFI sums against float64 numpy, to float32 accuracy relative to the sum of the terms'
     magnitudes (channel counts below, at and above the 8-lane vector; 1 to 40 rows)."""

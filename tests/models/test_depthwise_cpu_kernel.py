@@ -21,8 +21,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from effdet_jax.kernels import depthwise_cpu
 from effdet_jax.models import layers
 
-# (batch, height, width, channels), kernel, stride, dilation. Channel counts that are and are not
-# multiples of the kernel's 8-wide vectors; maps smaller than the kernel; odd and even sizes.
+# (batch, height, width, channels), kernel, stride, dilation. Channel counts that take the
+# kernels' 16-wide and 8-wide vectors and the scalar remainder (16, 24 = 16 + 8, 13 = 8 + 5,
+# 29 = 16 + 8 + 5); maps smaller than the kernel; odd and even sizes.
 CASES = [
     ((2, 9, 10, 16), 3, 1, 1),
     ((2, 9, 10, 16), 3, 2, 1),
@@ -36,6 +37,8 @@ CASES = [
     ((2, 9, 37, 32), 5, 1, 1),
     ((2, 11, 23, 48), 3, 2, 1),
     ((1, 6, 30, 16), 5, 2, 1),
+    ((2, 7, 9, 29), 3, 2, 1),
+    ((2, 8, 11, 29), 3, 1, 1),
 ]
 
 
