@@ -88,17 +88,34 @@ def test_train_mode_matches_flax(activation, shape, fused, monkeypatch):
 
 
 @pytest.mark.parametrize("activation", [jax.nn.swish, None], ids=["swish", "none"])
-def test_eval_mode_matches_flax(activation):
+@pytest.mark.parametrize("channels", [6, 27])
+def test_eval_mode_matches_flax(activation, channels):
+    """Values and gradients (frozen-BN fine-tuning differentiates eval mode) against flax's BN +
+    activation. On CPU, eval-mode BN + swish is the ``effdet_bn_swish`` kernel (checked in the
+    HLO) with an XLA backward pass."""
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.standard_normal((2, 4, 4, 6)) * 2.0, jnp.float32)
-    variables = _variables(6, rng)
+    x = jnp.asarray(rng.standard_normal((2, 4, 4, channels)) * 2.0, jnp.float32)
+    variables = _variables(channels, rng)
     ours = BatchNorm(use_running_average=True, epsilon=EPS, activation=activation)
     ref = nn.BatchNorm(use_running_average=True, epsilon=EPS)
-    y = ours.apply(variables, x)
-    y_ref = ref.apply(variables, x)
-    if activation is not None:
-        y_ref = activation(y_ref)
-    np.testing.assert_allclose(y, y_ref, rtol=1e-6, atol=1e-6)
+    act = activation or (lambda y: y)
+    t = jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+
+    def loss(module_apply):
+        return lambda params, x: jnp.sum(
+            module_apply({"params": params, "batch_stats": variables["batch_stats"]}, x) * t)
+
+    ours_loss = loss(ours.apply)
+    ref_loss = loss(lambda v, x: act(ref.apply(v, x)))
+    y = jax.jit(ours.apply)(variables, x)
+    np.testing.assert_allclose(y, act(ref.apply(variables, x)), rtol=1e-6, atol=1e-6)
+    grads = jax.jit(jax.grad(ours_loss, argnums=(0, 1)))(variables["params"], x)
+    ref_grads = jax.grad(ref_loss, argnums=(0, 1))(variables["params"], x)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    hlo = jax.jit(ours.apply).lower(variables, x).compile().as_text()
+    kernel = jax.default_backend() == "cpu" and batch_norm.batch_norm_cpu.available()
+    assert ('custom_call_target="effdet_bn_swish"' in hlo) == (kernel and activation is not None)
 
 
 def test_bfloat16_output_and_float32_statistics():
