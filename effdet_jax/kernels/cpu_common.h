@@ -33,6 +33,21 @@ typedef int32_t v16i __attribute__((vector_size(64)));
 inline v16 Load16(const float* p) { return *reinterpret_cast<const v16*>(p); }
 inline void Store16(float* p, v16 v) { *reinterpret_cast<v16*>(p) = v; }
 
+// Loads and stores for code templated on the vector type: through memcpy, because a template
+// argument drops the typedefs' aligned(4), and a dereference would then assume natural alignment.
+// always_inline: as a per-block call (with vzeroupper) the depthwise 16-wide paths gained nothing.
+template <typename V>
+__attribute__((always_inline)) inline V LoadV(const float* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V>
+__attribute__((always_inline)) inline void StoreV(float* p, V v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
 inline v8 Splat(float f) { return v8{f, f, f, f, f, f, f, f}; }
 
 template <typename V>

@@ -31,9 +31,11 @@
 
 namespace ffi = xla::ffi;
 using effdet_cpu::Load;
+using effdet_cpu::LoadV;
 using effdet_cpu::ParallelFor;
 using effdet_cpu::ParallelRows;
 using effdet_cpu::Store;
+using effdet_cpu::StoreV;
 using effdet_cpu::v16;
 using effdet_cpu::v8;
 
@@ -55,21 +57,6 @@ inline void ValidColumns(int64_t offset, int64_t stride, int64_t width, int64_t 
 
 // Taps are at most kMaxTaps per axis (EfficientDet uses 3 and 5).
 constexpr int64_t kMaxTaps = 16;
-
-// Loads and stores for code templated on the vector type: through memcpy, because a template
-// argument drops the typedefs' aligned(4), and a dereference would then assume natural alignment.
-// always_inline: a per-block call (with vzeroupper) made the 16-wide paths no faster than 8.
-template <typename V>
-__attribute__((always_inline)) inline V LoadV(const float* p) {
-  V v;
-  __builtin_memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V>
-__attribute__((always_inline)) inline void StoreV(float* p, V v) {
-  __builtin_memcpy(p, &v, sizeof(V));
-}
 
 // One block of 16 or 8 channels of AccumulateTaps.
 template <typename V>
@@ -108,38 +95,39 @@ inline void AccumulateTaps(int64_t c, int rows, const float* const* src_rows, co
   }
 }
 
+constexpr int kInteriorOutputs = 4;
+
+// kInteriorOutputs neighbouring outputs from column j, for one block of 16 or 8 channels.
+template <int KW, int S, typename V>
+__attribute__((always_inline)) inline void ForwardInteriorBlock(const Geometry& g, int rows,
+    const float* const* src_rows, const int64_t* row_tap, const float* k, float* yrow, int64_t j, int64_t ch) {
+  const int64_t c = g.c;
+  V acc[kInteriorOutputs];
+  for (int t = 0; t < kInteriorOutputs; ++t) acc[t] = V{};
+  for (int r = 0; r < rows; ++r) {
+    const float* wrow = k + row_tap[r] * KW * c + ch;
+    V w[KW];
+    for (int b = 0; b < KW; ++b) w[b] = LoadV<V>(wrow + b * c);
+    const float* src = src_rows[r] + (j * S - g.pad_left) * c + ch;
+    for (int t = 0; t < kInteriorOutputs; ++t) {
+      for (int b = 0; b < KW; ++b) acc[t] += LoadV<V>(src + (t * S + b) * c) * w[b];
+    }
+  }
+  for (int t = 0; t < kInteriorOutputs; ++t) StoreV<V>(yrow + (j + t) * c + ch, acc[t]);
+}
+
 // Interior output columns [begin, end) of one output row, where all KW taps of every tap row lie
 // inside x (dilation 1, channels a multiple of 8). Four neighbouring outputs are computed together
 // with the tap row's KW weight vectors held in registers, so each loaded input vector serves
 // several outputs; each output sums its taps in AccumulateTaps' order (tap rows, then taps left
 // to right). Returns the first column not done (the caller finishes a remainder of fewer than
 // four).
-template <int KW, int S, typename V>
-__attribute__((always_inline)) inline void ForwardInteriorBlock(const Geometry& g, int rows,
-    const float* const* src_rows, const int64_t* row_tap, const float* k, float* yrow, int64_t j, int64_t ch) {
-  constexpr int kOutputs = 4;
-  const int64_t c = g.c;
-  V acc[kOutputs];
-  for (int t = 0; t < kOutputs; ++t) acc[t] = V{};
-  for (int r = 0; r < rows; ++r) {
-    const float* wrow = k + row_tap[r] * KW * c + ch;
-    V w[KW];
-    for (int b = 0; b < KW; ++b) w[b] = LoadV<V>(wrow + b * c);
-    const float* src = src_rows[r] + (j * S - g.pad_left) * c + ch;
-    for (int t = 0; t < kOutputs; ++t) {
-      for (int b = 0; b < KW; ++b) acc[t] += LoadV<V>(src + (t * S + b) * c) * w[b];
-    }
-  }
-  for (int t = 0; t < kOutputs; ++t) StoreV<V>(yrow + (j + t) * c + ch, acc[t]);
-}
-
 template <int KW, int S>
 int64_t ForwardInterior(const Geometry& g, int rows, const float* const* src_rows, const int64_t* row_tap,
                         const float* k, float* yrow, int64_t begin, int64_t end) {
-  constexpr int kOutputs = 4;
   const int64_t c = g.c;
   int64_t j = begin;
-  for (; j + kOutputs <= end; j += kOutputs) {
+  for (; j + kInteriorOutputs <= end; j += kInteriorOutputs) {
     int64_t ch = 0;
     for (; ch + 16 <= c; ch += 16) ForwardInteriorBlock<KW, S, v16>(g, rows, src_rows, row_tap, k, yrow, j, ch);
     for (; ch < c; ch += 8) ForwardInteriorBlock<KW, S, v8>(g, rows, src_rows, row_tap, k, yrow, j, ch);
@@ -252,9 +240,6 @@ void KernelGradRow(const Geometry& g, const float* x, const float* dy, float* pa
   }
 }
 
-// KernelGradRow for dilation 1 and channels a multiple of 8: per tap row, the KW taps' sums
-// for two neighbouring output columns are kept in 2 * KW registers, so no add waits on the
-// previous one (the general loop is one dependent chain per tap).
 // One tap row's KW sums for one block of 16 or 8 channels (KernelGradRowFast).
 template <int KW, int S, typename V>
 __attribute__((always_inline)) inline void KernelGradBlock(const Geometry& g, const float* xrow, const float* grow,
@@ -285,6 +270,9 @@ __attribute__((always_inline)) inline void KernelGradBlock(const Geometry& g, co
   }
 }
 
+// KernelGradRow for dilation 1 and channels a multiple of 8: per tap row, the KW taps' sums
+// for two neighbouring output columns are kept in 2 * KW registers, so no add waits on the
+// previous one (the general loop is one dependent chain per tap).
 template <int KW, int S>
 void KernelGradRowFast(const Geometry& g, const float* x, const float* dy, float* partial, int64_t row) {
   const int64_t n = row / g.oh, i = row % g.oh, c = g.c;
