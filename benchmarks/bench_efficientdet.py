@@ -1,9 +1,11 @@
 """EfficientDet on CPU, side by side: effdet_jax vs effdet (PyTorch), same run, same machine.
 
 For each row the same batch, image size, fp32 and thread count on both sides; every case runs in
-its own fresh subprocess (``jax_side.py`` / ``torch_side.py``), alternating sides, and reports the
-median, min and max of ``--repeats`` timed calls after warm-up (JAX compilation excluded and
-reported separately). Measured:
+fresh subprocesses (``jax_side.py`` / ``torch_side.py``): ``--processes`` rounds, each running
+both sides in turn, and reports the median, min and max of all ``--repeats`` x ``--processes``
+timed calls after warm-up (JAX compilation excluded and reported separately), with each process's
+median. Several processes because one process is one sample: on the 2-core VM the same code's
+small cases ran 10 or 15 ms per call depending on the process (RESULTS.md, session 10). Measured:
   * ``infer``: the network alone (``model.apply`` / ``EfficientDet.forward``), batch 1 and 8;
   * ``e2e``: network + post-processing (automl's default soft-NMS here; ``DetBenchPredict`` there);
   * ``train``: one training step (targets, loss, backward, BN update, SGD momentum) in images/s,
@@ -13,8 +15,8 @@ reported separately). Measured:
 The machine is shared: the 1-minute load average is checked before each case (``--max-load``) and
 recorded with the results.
 
-    .venv/bin/python benchmarks/bench_efficientdet.py --quick          # ~10 min
-    .venv/bin/python benchmarks/bench_efficientdet.py --out benchmarks/results/d0.json
+    .venv/bin/python benchmarks/bench_efficientdet.py --quick          # ~25 min
+    .venv/bin/python benchmarks/bench_efficientdet.py --out benchmarks/results/d0.json  # ~60 min
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common import (  # noqa: E402
     TORCH_PYTHON,
     fmt_ms,
     machine_info,
+    pool_processes,
     run_case,
     wait_for_low_load,
 )
@@ -71,13 +74,19 @@ def main() -> None:
     parser.add_argument("--rest", action="store_true", help="only the rows --quick leaves out")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per process")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per case and side (sides alternate per round)")
     parser.add_argument("--max-load", type=float, default=1.0,
                         help="wait until the 1-min load average is below this before each case")
     parser.add_argument("--load-timeout", type=float, default=300)
     parser.add_argument("--channels-last", action="store_true", help="also effdet channels_last")
     parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="cached",
                         help="allocator for both sides (see common.MALLOC_ENV)")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="leave both sides' heaps in 4 KiB pages (effdet_jax/huge_pages.py)")
+    parser.add_argument("--modes", default="infer,e2e,train",
+                        help="comma-separated modes to run (infer, e2e, train)")
     parser.add_argument("--variants", action="store_true",
                         help="also JAX train rows with remat (memory / speed trade-off)")
     parser.add_argument("--only", choices=["jax", "torch"], help="run one side")
@@ -85,8 +94,12 @@ def main() -> None:
     args = parser.parse_args()
 
     results = []
+    modes = set(args.modes.split(","))
     for row in suite(args.quick, args.rest):
-        row = {**row, "warmup": args.warmup, "repeats": args.repeats}
+        if row["mode"] not in modes:
+            continue
+        row = {**row, "warmup": args.warmup, "repeats": args.repeats,
+               "huge_pages": not args.no_huge_pages}
         variants = []
         if args.only != "jax":
             variants.append((TORCH_PYTHON, HERE / "torch_side.py",
@@ -100,14 +113,19 @@ def main() -> None:
                 for name, overrides in VARIANTS.items():
                     variants.append((JAX_PYTHON, HERE / "jax_side.py",
                                      {**row, "overrides": overrides, "variant": name}))
-        for python, script, case in variants:
-            load = wait_for_low_load(args.max_load, args.load_timeout)
-            result = run_case(python, script, case, args.threads, env=MALLOC_ENV[args.malloc])
+        runs: list[list[dict]] = [[] for _ in variants]
+        for _ in range(args.processes):
+            for (python, script, case), case_runs in zip(variants, runs, strict=True):
+                load = wait_for_low_load(args.max_load, args.load_timeout)
+                result = run_case(python, script, case, args.threads, env=MALLOC_ENV[args.malloc])
+                result["load_wait_end"] = round(load, 2)
+                case_runs.append(result)
+                print(json.dumps({k: v for k, v in result.items() if k != "times_ms"}), flush=True)
+        for case_runs in runs:
+            result = pool_processes(case_runs)
             result["malloc"] = args.malloc
             result["malloc_env"] = MALLOC_ENV[args.malloc]
-            result["load_wait_end"] = round(load, 2)
             results.append(result)
-            print(json.dumps(result), flush=True)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"machine": machine_info(), "results": results}, indent=1))
@@ -121,7 +139,8 @@ def _key(r: dict) -> tuple:
 
 
 def markdown_table(results: list[dict]) -> str:
-    """One line per (model, mode, batch, size): both sides' median (min-max) and the ratio."""
+    """One line per (model, mode, batch, size): both sides' median (min-max) over all processes,
+    the ratio, and each process's median."""
     rows: dict[tuple, dict] = {}
     for r in results:
         side = r.get("side", "jax" if r["model"].startswith("efficientdet") else "torch")
@@ -132,8 +151,8 @@ def markdown_table(results: list[dict]) -> str:
         rows.setdefault(_key(r), {})[side] = r
     lines = [
         "| model | case | batch | size | effdet ms | effdet_jax ms | speed-up | effdet img/s "
-        "| effdet_jax img/s | peak RSS effdet / jax (MiB) | load |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| effdet_jax img/s | peak RSS effdet / jax (MiB) | per-process medians effdet ; jax | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for (model, mode, batch, size), sides in rows.items():
         t, j = sides.get("torch", {}), sides.get("jax", {})
@@ -143,16 +162,18 @@ def markdown_table(results: list[dict]) -> str:
         mem = (f"{t.get('peak_rss_steady_mb', '-')} / {j.get('peak_rss_steady_mb', '-')}"
                if mode == "train" else "-")
         loads = "/".join(f"{s.get('load_before', float('nan')):.1f}" for s in (t, j) if s)
+        procs = " ; ".join(" ".join(f"{m:.0f}" for m in s.get("process_median_ms", [])) or "-"
+                           for s in (t, j))
         lines.append(
             f"| {model} | {mode} | {batch} | {size} | {fmt_ms(t) if t else '-'} | "
-            f"{fmt_ms(j) if j else '-'} | {ratio} | {ips(t)} | {ips(j)} | {mem} | {loads} |"
+            f"{fmt_ms(j) if j else '-'} | {ratio} | {ips(t)} | {ips(j)} | {mem} | {procs} | {loads} |"
         )
         for side, v in sides.items():
             if side.startswith("jax_") and "median_ms" in v:
                 vr = f"{t['median_ms'] / v['median_ms']:.2f}x" if "median_ms" in t else "-"
                 lines.append(
                     f"| {model} ({side[4:]}) | {mode} | {batch} | {size} | | {fmt_ms(v)} | {vr} "
-                    f"| | {ips(v)} | - / {v.get('peak_rss_steady_mb', '-')} | "
+                    f"| | {ips(v)} | - / {v.get('peak_rss_steady_mb', '-')} | - | "
                     f"{v.get('load_before', float('nan')):.1f} |"
                 )
     return "\n".join(lines)

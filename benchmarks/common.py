@@ -1,10 +1,13 @@
-"""Shared benchmark plumbing: timing, memory, machine facts, one subprocess per case.
+"""Shared benchmark plumbing: timing, memory, machine facts, fresh subprocesses per case.
 
-Every measured case runs in a fresh subprocess (``run_case``) that prints one JSON line; the driver
-collects them. Inside a case, ``timed`` calls the function ``warmup`` times (compilation and caches)
-then ``repeats`` times, and reports median / min / max milliseconds. ``PeakRss`` samples the
-resident set size while the timed calls run (the steady-state peak); ``max_rss_mb`` is the whole
-process peak (for JAX it includes compilation).
+Every measured case runs in fresh subprocesses (``run_case``), each printing one JSON line; the
+driver collects them. Inside a case, ``timed`` calls the function ``warmup`` times (compilation and
+caches) then ``repeats`` times, and reports median / min / max milliseconds and every time.
+``steady_peak_rss`` then samples the resident set size over a few more calls (the steady-state
+peak; the sampling thread is kept out of the timed calls, whose two cores it would share);
+``max_rss_mb`` is the whole process peak (for JAX it includes compilation). ``pool_processes``
+merges one case's runs in several processes: the speed of a small case can differ between fresh
+processes of the same code (thread hand-offs, see RESULTS.md), so one process is one sample.
 
 Thread counts are pinned before any numeric library is imported (``pin_threads``), so both sides
 use the same number of cores.
@@ -30,18 +33,19 @@ TORCH_PYTHON = pathlib.Path.home() / ".cache/effdet_jax/torch-venv/bin/python"
 JAX_PYTHON = ROOT / ".venv/bin/python"
 
 
-def _load_cpu_malloc():
-    """``effdet_jax/cpu_malloc.py`` loaded by path: it is stdlib-only, and the torch side's
+def _load_stdlib_module(name: str):
+    """``effdet_jax/<name>.py`` loaded by path: it is stdlib-only, and the torch side's
     environment has neither effdet_jax nor jax (importing the package would import jax)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("cpu_malloc", ROOT / "effdet_jax/cpu_malloc.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"effdet_jax/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-cpu_malloc = _load_cpu_malloc()
+cpu_malloc = _load_stdlib_module("cpu_malloc")
+huge_pages = _load_stdlib_module("huge_pages")
 RESULT_PREFIX = "RESULT "
 # XLA:CPU and PyTorch both malloc their large per-step buffers afresh each step; glibc serves them
 # with fresh mmaps that every step page-faults and zero-fills again (a D0 train step: more system
@@ -69,10 +73,18 @@ def pin_threads(threads: int) -> None:
         os.sched_setaffinity(0, cpus[:threads])
 
 
-def timed(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, float]:
-    """Median / min / max wall milliseconds of ``fn()`` (``fn`` must block until done)."""
-    for _ in range(warmup):
+def timed(fn: Callable[[], object], warmup: int, repeats: int, min_warmup_s: float = 1.0) -> dict:
+    """Median / min / max wall milliseconds of ``fn()`` (``fn`` must block until done), and the
+    ``times_ms`` themselves (for pooling runs of several processes).
+
+    Warm-up is ``warmup`` calls and at least ``min_warmup_s`` seconds: a 10 ms case needs more
+    than two calls to settle after ``after_first_call`` re-maps its heap (~5 slow calls seen).
+    """
+    start = time.perf_counter()
+    calls = 0
+    while calls < warmup or time.perf_counter() - start < min_warmup_s:
         fn()
+        calls += 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -83,7 +95,55 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int) -> dict[str, floa
         "min_ms": min(times),
         "max_ms": max(times),
         "runs": len(times),
+        "times_ms": [round(t, 3) for t in times],
     }
+
+
+def after_first_call(case: dict) -> dict:
+    """What both sides do once the first call has allocated the step's buffers: back the resident
+    heap with huge pages (``effdet_jax/huge_pages.py``) unless ``case["huge_pages"]`` is false.
+    Returns the result fields that record it."""
+    if not case.get("huge_pages", True):
+        return {"huge_pages_mb": 0}
+    return {"huge_pages_mb": round(huge_pages.back_with_huge_pages() / 2**20)}
+
+
+def steady_peak_rss(fn: Callable[[], object], calls: int = 2) -> float:
+    """Peak RSS (MiB) sampled while ``fn()`` runs ``calls`` more times, after ``timed``: every call
+    reaches the step's peak, and sampling apart from the timed calls keeps the 5 ms sampler off
+    the cores they use (it cost the small cases ~2 %)."""
+    with PeakRss() as peak:
+        for _ in range(calls):
+            fn()
+    return peak.peak_mb
+
+
+def pool_processes(runs: list[dict]) -> dict:
+    """One case measured in several fresh processes, merged into one result.
+
+    ``runs``: ``run_case`` results of the same case (each with ``times_ms``). The result is the
+    first run with median / min / max over all timed calls of all processes, ``images_per_s`` from
+    that median, ``process_median_ms`` (one per process, in run order), the largest memory and load
+    figures, and the median compile / first-call time. Any failed run makes the result that error.
+    """
+    errors = [r for r in runs if "error" in r]
+    if errors:
+        return errors[0]
+    times = [t for r in runs for t in r["times_ms"]]
+    median = statistics.median(times)
+    pooled = {**runs[0], "median_ms": median, "min_ms": min(times), "max_ms": max(times),
+              "runs": len(times), "times_ms": times, "processes": len(runs),
+              "process_median_ms": [round(r["median_ms"], 2) for r in runs]}
+    if "images_per_s" in runs[0]:
+        pooled["images_per_s"] = runs[0]["batch"] / (median / 1e3)
+    for key in ("peak_rss_steady_mb", "max_rss_mb", "xla_temp_mb", "load_before", "load_after",
+                "load_wait_end"):
+        if key in runs[0]:
+            pooled[key] = max(r[key] for r in runs)
+    for key in ("compile_s", "first_call_s"):
+        if key in runs[0]:
+            pooled[key] = statistics.median(r[key] for r in runs)
+    return pooled
 
 
 def rss_mb() -> float:

@@ -21,7 +21,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import PeakRss, emit, max_rss_mb, pin_threads, timed  # noqa: E402
+from common import after_first_call, emit, max_rss_mb, pin_threads, steady_peak_rss, timed  # noqa: E402
 
 NUM_GT = 8  # same synthetic ground truth as jax_side.py
 MAX_INSTANCES = 100
@@ -111,15 +111,17 @@ def run(case: dict) -> dict:
     t0 = time.perf_counter()
     fn()
     first_s = time.perf_counter() - t0
-    with PeakRss() as peak:
-        stats = timed(fn, warmup, repeats)
+    memory_setup = after_first_call(case)
+    stats = timed(fn, warmup, repeats)
+    peak_mb = steady_peak_rss(fn)
     return {
         **case,
         "side": "torch",
         **stats,
         "images_per_s": batch / (stats["median_ms"] / 1e3),
         "first_call_s": round(first_s, 1),
-        "peak_rss_steady_mb": round(peak.peak_mb),
+        "peak_rss_steady_mb": round(peak_mb),
+        **memory_setup,
         "max_rss_mb": round(max_rss_mb()),
         "threads": torch.get_num_threads(),
     }
