@@ -9,14 +9,15 @@ small cases ran 10 or 15 ms per call depending on the process (RESULTS.md, sessi
   * ``infer``: the network alone (``model.apply`` / ``EfficientDet.forward``), batch 1 and 8;
   * ``e2e``: network + post-processing (automl's default soft-NMS here; ``DetBenchPredict`` there);
   * ``train``: one training step (targets, loss, backward, BN update, SGD momentum) in images/s,
-    batch 4 and 8, with the peak resident memory of the step (sampled RSS while the timed steps
-    run, and the whole process's peak including JAX compilation);
+    batch 4 and 8, with the peak resident memory of the step (RSS sampled over 2 calls after the
+    timed ones, and the whole process's peak including JAX compilation);
   * cost growth: D0 at 256 and D1 at 640.
 The machine is shared: the 1-minute load average is checked before each case (``--max-load``) and
 recorded with the results.
 
-    .venv/bin/python benchmarks/bench_efficientdet.py --quick          # ~25 min
-    .venv/bin/python benchmarks/bench_efficientdet.py --out benchmarks/results/d0.json  # ~60 min
+    .venv/bin/python benchmarks/bench_efficientdet.py --quick          # D0 512 headline rows
+    .venv/bin/python benchmarks/bench_efficientdet.py --modes infer,e2e  # 6 rows: 30 min, 2 cores
+    .venv/bin/python benchmarks/bench_efficientdet.py --out benchmarks/results/d0.json
 """
 
 from __future__ import annotations

@@ -1,13 +1,15 @@
 """Shared benchmark plumbing: timing, memory, machine facts, fresh subprocesses per case.
 
 Every measured case runs in fresh subprocesses (``run_case``), each printing one JSON line; the
-driver collects them. Inside a case, ``timed`` calls the function ``warmup`` times (compilation and
-caches) then ``repeats`` times, and reports median / min / max milliseconds and every time.
+driver collects them. Inside a case, ``timed`` calls the function ``warmup`` times and for at
+least a second (compilation and caches) then ``repeats`` times, and reports median / min / max
+milliseconds and every time.
 ``steady_peak_rss`` then samples the resident set size over a few more calls (the steady-state
 peak; the sampling thread is kept out of the timed calls, whose two cores it would share);
 ``max_rss_mb`` is the whole process peak (for JAX it includes compilation). ``pool_processes``
 merges one case's runs in several processes: the speed of a small case can differ between fresh
-processes of the same code (thread hand-offs, see RESULTS.md), so one process is one sample.
+processes of the same code (memory backing, see RESULTS.md, session 10), so one process is one
+sample.
 
 Thread counts are pinned before any numeric library is imported (``pin_threads``), so both sides
 use the same number of cores.
