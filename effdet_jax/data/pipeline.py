@@ -40,7 +40,8 @@ from effdet_jax.data import counts as C
 from effdet_jax.data.config import validate_data_config
 from effdet_jax.data.label_map import CROWD_LABEL, LabelMap
 from effdet_jax.data.sanitize import sanitize_boxes
-from effdet_jax.data.source import Source, make_source
+from effdet_jax.data.sources import make_source
+from effdet_jax.data.sources.base import Source
 from effdet_jax.data.transforms import (
     nonzero_area,
     normalize_image,
