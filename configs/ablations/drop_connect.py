@@ -1,8 +1,7 @@
 """Drop-connect (stochastic depth) ablation: ``--config=configs/ablations/drop_connect.py:VARIANT``.
 
-VARIANT is one of ``efficientnet_config.DROP_CONNECT_VARIANTS``: ``none``, ``sample`` (per
-example, the official), ``channel``, ``element``, ``weight`` (DropConnect on the projection
-kernel); see ``EfficientNetConfig.drop_connect_variant``. The rest is ``configs/d1.py``: automl
+VARIANT is one of ``effdet_jax.models.efficientnet_config.DROP_CONNECT_VARIANTS`` (see
+``EfficientNetConfig.drop_connect_variant``). The rest is ``configs/d1.py``: automl
 turns drop-connect off for b0 backbones (so D0 would ablate nothing), while D1's b1 backbone trains
 with rate 0.2. ``sweep(rates)`` is every variant at every backbone drop-connect rate (``none``
 once); ``experiments/ablate.py --sweep=drop_connect --rates ...`` runs it.

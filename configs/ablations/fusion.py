@@ -1,8 +1,8 @@
 """BiFPN feature-fusion ablation: ``--config=configs/ablations/fusion.py:METHOD``.
 
-METHOD is one of ``bifpn.FUSION_METHODS`` (automl's ``fpn_weight_method``: ``sum``, ``attn``,
-``fastattn``, ``channel_attn``, ``channel_fastattn``). The rest is ``configs/d0.py``. ``sweep()``
-is one arm per method; ``experiments/ablate.py --sweep=fusion`` runs it.
+METHOD is one of ``effdet_jax.models.bifpn.FUSION_METHODS`` (automl's ``fpn_weight_method``; see
+``bifpn.fuse``). The rest is ``configs/d0.py``. ``sweep()`` is one arm per method;
+``experiments/ablate.py --sweep=fusion`` runs it.
 """
 
 from typing import Any
