@@ -19,7 +19,7 @@ from PIL import Image
 
 from effdet_jax.data.config import default_data_config
 from effdet_jax.data.pipeline import make_train_pipeline
-from effdet_jax.data.shapes import generate_shapes_example
+from effdet_jax.data.sources.shapes import generate_shapes_example
 
 
 def write_coco_folder(root: str, num: int, size: int) -> tuple[str, str]:

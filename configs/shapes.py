@@ -30,10 +30,12 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     config.data.source = "shapes"
-    config.data.shapes.num_classes = 4
+    # The synthetic set is drawn for this model: one shape class per logit, images the size of
+    # the input. References, so an override of model.num_classes / model.image_size moves both.
+    config.data.shapes.num_classes = config.model.get_ref("num_classes")
+    config.data.shapes.image_size = config.model.get_ref("image_size")
     config.data.shapes.num_train = 4000
     config.data.shapes.num_eval = 200
-    config.data.shapes.image_size = 96
     config.data.jitter_min = 0.8
     config.data.jitter_max = 1.2
     config.data.shuffle_buffer = 1024

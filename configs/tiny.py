@@ -21,10 +21,12 @@ def get_config() -> ml_collections.ConfigDict:
          # 7-block quarter-width backbone: same code paths, a fraction of the compile time.
          "backbone_overrides": {"width_coefficient": 0.25, "depth_coefficient": 0.25}}
     )
-    config.data.shapes.num_classes = 4
+    # The synthetic set is drawn for this model: one shape class per logit, images the size of
+    # the input. References, so an override of model.num_classes / model.image_size moves both.
+    config.data.shapes.num_classes = config.model.get_ref("num_classes")
+    config.data.shapes.image_size = config.model.get_ref("image_size")
     config.data.shapes.num_train = 64
     config.data.shapes.num_eval = 16
-    config.data.shapes.image_size = 64
     config.data.shuffle_buffer = 64
     config.data.num_parallel_calls = 1
 

@@ -5,10 +5,11 @@ table (mean +- std of AP, AP50, steps/s, params) and a plot of AP50 against step
   python experiments/ablate.py --sweep=drop_connect --base=configs/shapes.py \
       --set=config.train.total_steps=300
 
-Sweeps:
-  fusion        config.model.fpn_weight_method in sum, attn, fastattn, channel_attn, channel_fastattn
-  drop_connect  config.model.drop_connect_variant in none, sample, channel, element, weight, at
-                ``--rates`` (backbone drop-connect rate; ``none`` runs once)
+Sweeps are defined once, by ``sweep()`` in ``configs/ablations/SWEEP.py`` (one module per sweep):
+  fusion        config.model.fpn_weight_method in every BiFPN fusion method
+  drop_connect  config.model.drop_connect_variant in every drop-connect variant, at ``--rates``
+                (backbone drop-connect rate; ``none`` runs once)
+``--rates`` goes to the sweeps whose ``sweep()`` takes ``rates``.
 
 Each run is a subprocess (``main.py --mode=train_and_eval``) with its own workdir under ``--out``, so a
 crashed arm is reported and does not take the sweep down, and finished runs are reused on a rerun.
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib
+import inspect
 import json
 import os
 import pathlib
@@ -29,8 +32,11 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
-DROP_CONNECT_VARIANTS = ("none", "sample", "channel", "element", "weight")
+if str(ROOT) not in sys.path:  # run as a script: configs/ is imported from the repository root
+    sys.path.insert(0, str(ROOT))
+# One sweep per module of configs/ablations/.
+SWEEPS = tuple(sorted(p.stem for p in (ROOT / "configs" / "ablations").glob("*.py")
+                      if p.stem != "__init__"))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,19 +48,14 @@ class Arm:
 
 
 def sweep_arms(sweep: str, rates: list[float]) -> list[Arm]:
-    if sweep == "fusion":
-        return [Arm(m, (("config.model.fpn_weight_method", m),)) for m in FUSION_METHODS]
-    if sweep == "drop_connect":
-        arms = [Arm("none", (("config.model.drop_connect_variant", "none"),
-                             ("config.model.backbone_drop_connect_rate", "0.0")))]
-        for variant in DROP_CONNECT_VARIANTS[1:]:
-            for rate in rates:
-                arms.append(Arm(f"{variant}@{rate:g}", (
-                    ("config.model.drop_connect_variant", variant),
-                    ("config.model.backbone_drop_connect_rate", str(rate)),
-                )))
-        return arms
-    raise ValueError(f"unknown sweep {sweep!r}; choose fusion or drop_connect")
+    """The arms of ``configs/ablations/<sweep>.py``'s ``sweep()`` as ``--config.*`` overrides."""
+    if sweep not in SWEEPS:
+        raise ValueError(f"unknown sweep {sweep!r}; choose one of {SWEEPS}")
+    definition = importlib.import_module(f"configs.ablations.{sweep}").sweep
+    takes_rates = "rates" in inspect.signature(definition).parameters
+    arms = definition(rates=rates) if takes_rates else definition()
+    return [Arm(label, tuple((f"config.{key}", str(value)) for key, value in overrides.items()))
+            for label, overrides in arms.items()]
 
 
 def read_events(workdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
@@ -174,7 +175,7 @@ def write_plot(results: dict[str, list[dict]], path: pathlib.Path, title: str) -
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", required=True, choices=("fusion", "drop_connect"))
+    parser.add_argument("--sweep", required=True, choices=SWEEPS)
     parser.add_argument("--base", default="configs/shapes.py", help="base config file")
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--rates", type=float, nargs="+", default=[0.2])

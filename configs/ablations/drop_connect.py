@@ -1,16 +1,19 @@
 """Drop-connect (stochastic depth) ablation: ``--config=configs/ablations/drop_connect.py:VARIANT``.
 
-VARIANT is one of ``none``, ``sample`` (per example, the official), ``channel``, ``element``,
-``weight`` (DropConnect on the projection kernel); see ``EfficientNetConfig.drop_connect_variant``.
-The rest is ``configs/d1.py``: automl turns drop-connect off for b0 backbones (so D0 would ablate
-nothing), while D1's b1 backbone trains with rate 0.2. ``sweep()`` lists the variants.
+VARIANT is one of ``effdet_jax.models.efficientnet_config.DROP_CONNECT_VARIANTS`` (see
+``EfficientNetConfig.drop_connect_variant``). The rest is ``configs/d1.py``: automl
+turns drop-connect off for b0 backbones (so D0 would ablate nothing), while D1's b1 backbone trains
+with rate 0.2. ``sweep(rates)`` is every variant at every backbone drop-connect rate (``none``
+once); ``experiments/ablate.py --sweep=drop_connect --rates ...`` runs it.
 """
+
+from collections.abc import Sequence
+from typing import Any
 
 import ml_collections
 
 from configs import d1
-
-VARIANTS = ("none", "sample", "channel", "element", "weight")
+from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 
 
 def get_config(variant: str = "sample") -> ml_collections.ConfigDict:
@@ -20,7 +23,16 @@ def get_config(variant: str = "sample") -> ml_collections.ConfigDict:
     return config
 
 
-def sweep(add):
-    """Calls ``add(**{"config.model.drop_connect_variant": v})`` for every variant."""
-    for variant in VARIANTS:
-        add(**{"config.model.drop_connect_variant": variant})
+def sweep(rates: Sequence[float] = (0.2,)) -> dict[str, dict[str, Any]]:
+    """``{"none": ...}`` (rate 0) and ``{"VARIANT@RATE": ...}`` for every other variant and rate;
+    each value sets ``model.drop_connect_variant`` and ``model.backbone_drop_connect_rate``."""
+    arms = {"none": {"model.drop_connect_variant": "none", "model.backbone_drop_connect_rate": 0.0}}
+    for variant in DROP_CONNECT_VARIANTS:
+        if variant == "none":
+            continue
+        for rate in rates:
+            arms[f"{variant}@{rate:g}"] = {
+                "model.drop_connect_variant": variant,
+                "model.backbone_drop_connect_rate": float(rate),
+            }
+    return arms

@@ -1,15 +1,16 @@
 """BiFPN feature-fusion ablation: ``--config=configs/ablations/fusion.py:METHOD``.
 
-METHOD is one of ``sum``, ``attn``, ``fastattn``, ``channel_attn``, ``channel_fastattn`` (automl's
-``fpn_weight_method``; the model table's value list is the source of truth and validation checks
-it). The rest is ``configs/d0.py``. ``sweep()`` lists one override per method for sweep tools.
+METHOD is one of ``effdet_jax.models.bifpn.FUSION_METHODS`` (automl's ``fpn_weight_method``; see
+``bifpn.fuse``). The rest is ``configs/d0.py``. ``sweep()`` is one arm per method;
+``experiments/ablate.py --sweep=fusion`` runs it.
 """
+
+from typing import Any
 
 import ml_collections
 
 from configs import d0
-
-METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
+from effdet_jax.models.bifpn import FUSION_METHODS
 
 
 def get_config(method: str = "fastattn") -> ml_collections.ConfigDict:
@@ -19,7 +20,6 @@ def get_config(method: str = "fastattn") -> ml_collections.ConfigDict:
     return config
 
 
-def sweep(add):
-    """Calls ``add(**{"config.model.fpn_weight_method": m})`` for every fusion method."""
-    for method in METHODS:
-        add(**{"config.model.fpn_weight_method": method})
+def sweep() -> dict[str, dict[str, Any]]:
+    """``{method: {"model.fpn_weight_method": method}}`` for every fusion method."""
+    return {method: {"model.fpn_weight_method": method} for method in FUSION_METHODS}

@@ -9,8 +9,8 @@ from __future__ import annotations
 import ml_collections
 
 from effdet_jax.data.label_map import LABEL_SPACES
+from effdet_jax.data.sources import SOURCES
 
-SOURCES = ("shapes", "tfds", "coco_json")
 AUTOAUGMENT_POLICIES = ("", "v0")
 
 

@@ -5,8 +5,8 @@ Three id spaces meet here:
 * **dataset category id**: what the annotation file or the COCO results JSON uses. COCO uses
   1..90 with gaps (80 classes); a custom COCO-json folder may use anything.
 * **label index** (a.k.a. logit index): the 0-based class in arrays fed to the network and
-  returned by post-processing. ``-1`` marks padding, ``-2`` crowd (``PAD_LABEL``,
-  ``CROWD_LABEL``).
+  returned by post-processing. ``-1`` marks padding, ``-2`` crowd (``PADDING``, ``CROWD`` in
+  ``effdet_jax.detection.targets``, which consumes them).
 * **tfds label**: ``tfds`` ``coco/2017`` labels are 0..79 (contiguous over the 80 classes).
 
 Two label spaces are supported (``config.data.label_space``):
@@ -24,8 +24,6 @@ from collections.abc import Sequence
 
 import numpy as np
 
-PAD_LABEL = -1
-CROWD_LABEL = -2
 LABEL_SPACES = ("contiguous", "coco90")
 
 # COCO 2017 detection categories (ids 1..90 with gaps) and their names, in id order.

@@ -38,9 +38,10 @@ import tensorflow as tf
 
 from effdet_jax.data import counts as C
 from effdet_jax.data.config import validate_data_config
-from effdet_jax.data.label_map import CROWD_LABEL, LabelMap
+from effdet_jax.data.label_map import LabelMap
 from effdet_jax.data.sanitize import sanitize_boxes
-from effdet_jax.data.source import Source, make_source
+from effdet_jax.data.sources import make_source
+from effdet_jax.data.sources.base import Source
 from effdet_jax.data.transforms import (
     nonzero_area,
     normalize_image,
@@ -48,6 +49,7 @@ from effdet_jax.data.transforms import (
     random_horizontal_flip,
     resize_crop_pad,
 )
+from effdet_jax.detection.targets import CROWD, PADDING
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +112,8 @@ def _clean(ex: dict, num_classes: int) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor,
 
 def _finish(image, boxes, classes, crowd, image_id, image_scale, counts, max_instances,
             with_crowd_classes=False):
-    crowd_classes = tf.where(crowd, classes, -1)
-    classes = tf.where(crowd, CROWD_LABEL, classes)
+    crowd_classes = tf.where(crowd, classes, PADDING)
+    classes = tf.where(crowd, CROWD, classes)
     padded_boxes, padded_classes, over = pad_to_max(boxes, classes, max_instances)
     out = {
         "images": image,

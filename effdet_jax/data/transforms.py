@@ -7,7 +7,10 @@ S x S input is ``[0, 0, S, S]``). Padding is bottom-right, with zeros in normali
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
+
+from effdet_jax.detection.targets import PADDING
 
 MEAN_RGB = (0.485, 0.456, 0.406)
 STDDEV_RGB = (0.229, 0.224, 0.225)
@@ -19,9 +22,12 @@ def normalize_image(image: tf.Tensor) -> tf.Tensor:
     return (image - tf.constant(MEAN_RGB) * 255.0) / (tf.constant(STDDEV_RGB) * 255.0)
 
 
-def denormalize_image(image: tf.Tensor) -> tf.Tensor:
-    """Inverse of ``normalize_image`` (float32, not rounded)."""
-    return image * (tf.constant(STDDEV_RGB) * 255.0) + tf.constant(MEAN_RGB) * 255.0
+def denormalize_image(image: tf.Tensor | np.ndarray) -> tf.Tensor | np.ndarray:
+    """Inverse of ``normalize_image`` (float, not rounded or clipped), for a tf tensor (inside
+    tf.data) or a numpy / jax array (images of a batch on the host)."""
+    return image * (np.float32(255.0) * np.asarray(STDDEV_RGB, np.float32)) + (
+        np.float32(255.0) * np.asarray(MEAN_RGB, np.float32)
+    )
 
 
 def random_horizontal_flip(
@@ -104,7 +110,7 @@ def pad_to_max(
     classes = classes[:max_instances]
     pad = max_instances - tf.shape(boxes)[0]
     boxes = tf.pad(boxes, [[0, pad], [0, 0]], constant_values=-1.0)
-    classes = tf.pad(classes, [[0, pad]], constant_values=-1)
+    classes = tf.pad(classes, [[0, pad]], constant_values=PADDING)
     boxes.set_shape([max_instances, 4])
     classes.set_shape([max_instances])
     return boxes, classes, dropped

@@ -46,6 +46,7 @@ from effdet_jax.detection import box_coder
 from effdet_jax.detection.targets import flatten_level_outputs
 
 NMS_METHODS = ("hard", "soft_gaussian", "soft_linear")
+CANDIDATE_MODES = ("max_class", "top_pairs")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,8 +79,8 @@ class PostprocessConfig:
     def __post_init__(self) -> None:
         if self.method not in NMS_METHODS:
             raise ValueError(f"method must be one of {NMS_METHODS}, got {self.method!r}")
-        if self.candidates not in ("max_class", "top_pairs"):
-            raise ValueError(f"candidates must be max_class or top_pairs, got {self.candidates!r}")
+        if self.candidates not in CANDIDATE_MODES:
+            raise ValueError(f"candidates must be one of {CANDIDATE_MODES}, got {self.candidates!r}")
 
     @property
     def effective_score_threshold(self) -> float:

@@ -38,8 +38,11 @@ import numpy as np
 
 from effdet_jax.detection import box_coder
 
+# Anchor targets: background, and ignored (no classification loss).
 BACKGROUND = -1
 IGNORE = -2
+# Ground-truth classes: padding rows and crowd boxes (written by the data pipeline, read here and
+# by the evaluator).
 PADDING = -1
 CROWD = -2
 

@@ -22,6 +22,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from effdet_jax.data.label_map import LabelMap
+from effdet_jax.detection.targets import CROWD
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ class CocoEvaluator:
             rows = [(int(c), 0) for c in classes[b]]
             if crowd_classes is not None:
                 crowd = np.asarray(crowd_classes)[b]
-                rows = [(int(crowd[m]), 1) if c == -2 else (c, 0) for m, (c, _) in enumerate(rows)]
+                rows = [(int(crowd[m]), 1) if c == CROWD else (c, 0) for m, (c, _) in enumerate(rows)]
             for m, (label, is_crowd) in enumerate(rows):
                 if label < 0:
                     continue

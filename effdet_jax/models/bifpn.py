@@ -29,6 +29,8 @@ glorot = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 glorot_depthwise = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform", in_axis=-1, out_axis=-2)
 
 FUSION_EPSILON = 1e-4
+# The values of ``fpn_weight_method`` (automl's names); ``fuse`` documents each.
+FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
 
 
 def bifpn_nodes(min_level: int, max_level: int) -> list[tuple[int, tuple[int, ...]]]:
@@ -76,7 +78,7 @@ def fuse(nodes: list[jax.Array], weights: jax.Array | None, method: str) -> jax.
             term = x * w[i] / total
             out = term if out is None else out + term
         return out
-    raise ValueError(f"unknown fusion method {method!r}")
+    raise ValueError(f"unknown fusion method {method!r}; allowed: {FUSION_METHODS}")
 
 
 class ResampleFeature(nn.Module):

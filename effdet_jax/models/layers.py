@@ -45,19 +45,23 @@ def tf_same_padding(size: int, kernel: int, stride: int, dilation: int = 1) -> t
     return total // 2, total - total // 2
 
 
+# Activations by config name: swish (x*sigmoid(x), the automl default; silu is its other name),
+# relu6 (lite), relu, gelu. The model configs validate ``activation`` against these keys.
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "swish": nn.swish,
+    "silu": nn.swish,
+    "relu6": nn.relu6,
+    "relu": nn.relu,
+    "gelu": nn.gelu,
+    "identity": lambda x: x,
+}
+
+
 def activation_fn(name: str) -> Callable[[jax.Array], jax.Array]:
-    """Activation by name: swish (x*sigmoid(x), the automl default), relu6 (lite), relu, gelu."""
-    table = {
-        "swish": nn.swish,
-        "silu": nn.swish,
-        "relu6": nn.relu6,
-        "relu": nn.relu,
-        "gelu": nn.gelu,
-        "identity": lambda x: x,
-    }
-    if name not in table:
-        raise ValueError(f"unknown activation {name!r}; allowed: {sorted(table)}")
-    return table[name]
+    """The activation called ``name`` in ``ACTIVATIONS``."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; allowed: {tuple(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
 
 
 def batch_norm(

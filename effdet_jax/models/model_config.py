@@ -11,11 +11,14 @@ import dataclasses
 from typing import Any
 
 from effdet_jax.detection.anchors import AnchorConfig, num_anchors_per_location
-from effdet_jax.models.efficientnet_config import EfficientNetConfig, get_efficientnet_config
-from effdet_jax.models.layers import DEPTHWISE_IMPLS
+from effdet_jax.models.bifpn import FUSION_METHODS
+from effdet_jax.models.efficientnet_config import (
+    DROP_CONNECT_VARIANTS,
+    EfficientNetConfig,
+    get_efficientnet_config,
+)
+from effdet_jax.models.layers import ACTIVATIONS, DEPTHWISE_IMPLS
 
-FUSION_METHODS = ("sum", "attn", "fastattn", "channel_attn", "channel_fastattn")
-DROP_CONNECT_VARIANTS = ("none", "sample", "channel", "element", "weight")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # name: backbone, image size, fpn filters, fpn cell repeats, head repeats, extra fields
@@ -61,14 +64,16 @@ class EfficientDetConfig:
       num_scales / aspect_ratios / anchor_scale: anchors per location = num_scales*len(aspect_ratios);
         aspect ratios are w/h scalars or (w, h) pairs.
       fpn_num_filters / fpn_cell_repeats / box_class_repeats: width and depths.
-      fpn_weight_method: BiFPN fusion, one of ``FUSION_METHODS``.
-      activation: ``swish`` or ``relu6`` (lite), used in backbone, BiFPN and heads.
+      fpn_weight_method: BiFPN fusion, one of ``bifpn.FUSION_METHODS``.
+      activation: a key of ``layers.ACTIVATIONS`` (``swish``; ``relu6`` for lite), used in
+        backbone, BiFPN and heads.
       separable_conv: BiFPN node conv separable (automl default) or a plain 3x3.
       backbone_overrides: extra ``EfficientNetConfig`` fields for the backbone as (name, value) pairs,
         e.g. ``(("depth_coefficient", 0.25),)`` for a tiny test backbone.
       backbone_drop_connect_rate: automl sets 0 when ``b0`` is in the backbone name and keeps 0.2
         otherwise (lite0 included); reproduced (training only).
-      drop_connect_variant: backbone drop-connect variant (see EfficientNet).
+      drop_connect_variant: backbone drop-connect variant, one of
+        ``efficientnet_config.DROP_CONNECT_VARIANTS``.
       head_drop_connect_rate: None = automl's default heads (no residual). A number adds automl's head
         residual for repeats after the first, with that drop-connect rate in training.
       dtype: computation dtype name; params, BN statistics and outputs stay float32.
@@ -115,7 +120,7 @@ class EfficientDetConfig:
             ("fpn_weight_method", self.fpn_weight_method, FUSION_METHODS),
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
             ("dtype", self.dtype, DTYPES),
-            ("activation", self.activation, ("swish", "silu", "relu6", "relu", "gelu")),
+            ("activation", self.activation, tuple(ACTIVATIONS)),
             ("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS),
         ]
         for key, value, allowed in checks:

@@ -10,9 +10,12 @@ from typing import Any
 
 import ml_collections
 
+from effdet_jax.data.config import validate_data_config
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
-from effdet_jax.detection.postprocess import NMS_METHODS, PostprocessConfig
+from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, PostprocessConfig
 from effdet_jax.models import model_config
+from effdet_jax.models.bifpn import FUSION_METHODS
+from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 from effdet_jax.train.model_factory import model_overrides
 
 OPTIMIZERS = ("sgd", "adam")
@@ -48,10 +51,10 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
 
 
 def model_choices() -> dict[str, Sequence[Any]]:
-    """Allowed values of the model options, read from the model table (one place for them)."""
+    """Allowed values of the enumerated ``config.model`` options (``None``: the model table's)."""
     return {
-        "fpn_weight_method": model_config.FUSION_METHODS,
-        "drop_connect_variant": model_config.DROP_CONNECT_VARIANTS,
+        "fpn_weight_method": FUSION_METHODS,
+        "drop_connect_variant": DROP_CONNECT_VARIANTS,
     }
 
 
@@ -74,6 +77,7 @@ def validate_config(
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _one_of(config, "model.dtype", model_config.DTYPES)
     _one_of(config, "eval.postprocess.method", NMS_METHODS)
+    _one_of(config, "eval.postprocess.candidates", CANDIDATE_MODES)
     _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
                 "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
@@ -98,6 +102,11 @@ def validate_config(
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "an integer >= 1")
     _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "-1 (all remaining devices) or an integer >= 1")
+
+    try:
+        validate_data_config(config.data)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     sections = (("loss", LossConfig), ("eval.postprocess", PostprocessConfig))
     for key, cls in sections:

@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
-from effdet_jax.data.transforms import MEAN_RGB, STDDEV_RGB
+from effdet_jax.data.transforms import denormalize_image
 from effdet_jax.train import input_pipeline
 from effdet_jax.train.experiment import Experiment, host_batch_to_global
 
@@ -62,7 +62,7 @@ def evaluate(exp: Experiment, state, writer, step: int) -> dict[str, float]:
 
 def _draw(images: np.ndarray, detections: dict, class_names, threshold: float = 0.3) -> np.ndarray:
     """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard."""
-    rgb = np.clip(images * (np.array(STDDEV_RGB) * 255.0) + np.array(MEAN_RGB) * 255.0, 0, 255)
+    rgb = np.clip(denormalize_image(np.asarray(images)), 0, 255)
     drawn = [
         np.asarray(
             visualize.draw_detections(

@@ -251,7 +251,7 @@ def predict(
     """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
     images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
     from effdet_jax import visualize
-    from effdet_jax.data.source import make_source
+    from effdet_jax.data.sources import make_source
 
     exp = setup(config)
     manager = _checkpoint_manager(config, workdir)

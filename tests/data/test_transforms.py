@@ -7,8 +7,8 @@ import tensorflow as tf
 from effdet_jax.data.config import default_data_config
 from effdet_jax.data.counts import zero_counts
 from effdet_jax.data.pipeline import eval_example, train_example
-from effdet_jax.data.shapes import shapes_label_map
-from effdet_jax.data.source import Source
+from effdet_jax.data.sources.base import Source
+from effdet_jax.data.sources.shapes import shapes_label_map
 from effdet_jax.data.transforms import denormalize_image, normalize_image
 
 H, W, S = 90, 150, 64

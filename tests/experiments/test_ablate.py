@@ -8,6 +8,9 @@ import sys
 import numpy as np
 import pytest
 
+from effdet_jax.models.bifpn import FUSION_METHODS
+from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
 ablate = importlib.util.module_from_spec(spec)
@@ -16,13 +19,21 @@ spec.loader.exec_module(ablate)
 
 
 def test_sweep_arms_cover_every_variant():
+    assert ablate.SWEEPS == ("drop_connect", "fusion")
     fusion = ablate.sweep_arms("fusion", [0.2])
-    assert [a.label for a in fusion] == list(ablate.FUSION_METHODS)
+    assert [a.label for a in fusion] == list(FUSION_METHODS)
+    assert fusion[1].overrides == (("config.model.fpn_weight_method", FUSION_METHODS[1]),)
     dc = ablate.sweep_arms("drop_connect", [0.1, 0.3])
     labels = [a.label for a in dc]
-    assert labels[0] == "none" and len(labels) == 1 + 4 * 2
+    assert labels[0] == "none" and len(labels) == 1 + (len(DROP_CONNECT_VARIANTS) - 1) * 2
     assert "channel@0.3" in labels
-    with pytest.raises(ValueError, match="fusion or drop_connect"):
+    assert dc[0].overrides == (("config.model.drop_connect_variant", "none"),
+                               ("config.model.backbone_drop_connect_rate", "0.0"))
+    assert dict(dc[labels.index("channel@0.3")].overrides) == {
+        "config.model.drop_connect_variant": "channel",
+        "config.model.backbone_drop_connect_rate": "0.3",
+    }
+    with pytest.raises(ValueError, match="drop_connect"):
         ablate.sweep_arms("dropout", [0.1])
 
 

@@ -17,10 +17,10 @@ from effdet_jax.convert import (
     load_automl_checkpoint,
     load_effdet_state_dict,
 )
-from effdet_jax.models.bifpn import bifpn_nodes, fuse
+from effdet_jax.models.bifpn import FUSION_METHODS, bifpn_nodes, fuse
 from effdet_jax.models.efficientnet import count_params
 from effdet_jax.models.finetune import trainable_mask, transfer_variables
-from effdet_jax.models.model_config import FUSION_METHODS, get_efficientdet_config
+from effdet_jax.models.model_config import get_efficientdet_config
 from effdet_jax.summary import summarize
 
 # automl's trainable parameter counts (90 classes, with the redundant conv biases automl keeps);

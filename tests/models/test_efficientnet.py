@@ -9,7 +9,7 @@ from conftest import load_torch_reference
 from effdet_jax import efficientnet
 from effdet_jax.convert import CheckpointMismatchError, load_timm_efficientnet
 from effdet_jax.models.efficientnet import count_params, drop_connect
-from effdet_jax.models.efficientnet_config import get_efficientnet_config
+from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS, get_efficientnet_config
 
 # Official parameter counts (1000 classes), as published with the TF release and by timm.
 PUBLISHED_PARAMS = {
@@ -135,7 +135,7 @@ def test_drop_connect_weight_variant_keeps_expectation():
     assert abs(float(samples.mean()) - 1.0) < 4 * np.sqrt(0.25 / 0.75 / samples.size)
 
 
-@pytest.mark.parametrize("variant", ["none", "sample", "channel", "element", "weight"])
+@pytest.mark.parametrize("variant", DROP_CONNECT_VARIANTS)
 def test_training_step_with_each_drop_connect_variant(variant):
     model = efficientnet(
         "efficientnet-b0", num_classes=4, drop_connect_rate=0.5, drop_connect_variant=variant,

@@ -9,6 +9,11 @@ import pytest
 from absl import flags
 from ml_collections import config_flags
 
+from effdet_jax.data.sources import SOURCES
+from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS
+from effdet_jax.models.bifpn import FUSION_METHODS
+from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
+from effdet_jax.models.layers import ACTIVATIONS
 from effdet_jax.train.config_validation import ConfigError, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -40,9 +45,8 @@ def test_config_files_validate(name):
 
 
 @pytest.mark.parametrize(
-    "arg", ["fusion.py:" + m for m in ("sum", "attn", "fastattn", "channel_attn",
-                                       "channel_fastattn")]
-    + ["drop_connect.py:" + v for v in ("none", "sample", "channel", "element", "weight")],
+    "arg", ["fusion.py:" + m for m in FUSION_METHODS]
+    + ["drop_connect.py:" + v for v in DROP_CONNECT_VARIANTS],
 )
 def test_ablation_configs_validate(arg):
     config = _parse(f"--config={CONFIG_DIR / 'ablations' / arg}")
@@ -97,6 +101,33 @@ def test_bad_values_fail_naming_key_and_allowed(key, value, allowed):
     message = str(info.value)
     assert allowed in message, message
     assert key.split(".")[0] in message, message
+
+
+@pytest.mark.parametrize(
+    "key, allowed",
+    [
+        ("model.fpn_weight_method", FUSION_METHODS),
+        ("model.drop_connect_variant", DROP_CONNECT_VARIANTS),
+        ("model.overrides.activation", tuple(ACTIVATIONS)),
+        ("eval.postprocess.method", NMS_METHODS),
+        ("eval.postprocess.candidates", CANDIDATE_MODES),
+        ("data.source", SOURCES),
+    ],
+)
+def test_unknown_enumerated_value_lists_the_allowed_values(key, allowed):
+    """Each enumerated key is checked against its one definition, and the message lists it."""
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}")
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node[part]
+    with node.unlocked():  # model.overrides starts empty
+        node[leaf] = "foo"
+    with pytest.raises(ConfigError) as info:
+        validate_config(config, num_devices=8)
+    message = str(info.value)
+    assert "foo" in message and key.split(".")[-1] in message, message
+    assert all(repr(value) in message for value in allowed), message
 
 
 def test_configs_and_train_step_do_not_import_tensorflow():

@@ -1,4 +1,4 @@
-"""The contract between a data source and the pipeline, plus the dispatcher over sources.
+"""The contract between a data source and the pipeline: ``Source`` and the sharding helpers.
 
 A source yields cheap *records* in a fixed order (an index, or a tfds example) and a ``decode``
 function that turns one record into an *example*: a dict of tensors
@@ -16,12 +16,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-import ml_collections
 import tensorflow as tf
 
 from effdet_jax.data.label_map import LabelMap
-
-SPLITS = ("train", "eval")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,29 +41,6 @@ class Source:
     label_map: LabelMap
     gt_annotations: str | None = None
     total_records: int = 0
-
-
-def make_source(
-    config: ml_collections.ConfigDict, split: str, process_index: int = 0, process_count: int = 1
-) -> Source:
-    """Build the source chosen by ``config.source`` (``config`` is ``config.data``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split={split!r}; allowed: {SPLITS}")
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} not in 0..{process_count - 1}")
-    if config.source == "shapes":
-        from effdet_jax.data import shapes
-
-        return shapes.make_shapes_source(config, split, process_index, process_count)
-    if config.source == "coco_json":
-        from effdet_jax.data import coco_json
-
-        return coco_json.make_coco_json_source(config, split, process_index, process_count)
-    if config.source == "tfds":
-        from effdet_jax.data import tfds_source
-
-        return tfds_source.make_tfds_source(config, split, process_index, process_count)
-    raise ValueError(f"config.data.source={config.source!r}; allowed: shapes, tfds, coco_json")
 
 
 def shard_range(num: int, process_index: int, process_count: int) -> tf.data.Dataset:

@@ -1,6 +1,6 @@
 import numpy as np
 
-from effdet_jax.data.shapes import SHAPE_CLASSES, generate_shapes_example
+from effdet_jax.data.sources.shapes import SHAPE_CLASSES, generate_shapes_example
 
 
 def test_deterministic_and_seed_dependent():

@@ -18,7 +18,7 @@ import tensorflow as tf
 
 from effdet_jax.data import counts as C
 from effdet_jax.data.label_map import LabelMap
-from effdet_jax.data.source import Source, shard_range, shard_size
+from effdet_jax.data.sources.base import Source, shard_range, shard_size
 
 # (name, shape, RGB colour) per class; the hues are far apart.
 SHAPE_CLASSES: tuple[tuple[str, str, tuple[int, int, int]], ...] = (

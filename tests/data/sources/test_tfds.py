@@ -5,9 +5,9 @@ import pytest
 import tensorflow_datasets as tfds
 
 from effdet_jax.data.pipeline import make_eval_pipeline, make_train_pipeline
-from effdet_jax.data.tfds_source import DatasetNotPreparedError
+from effdet_jax.data.sources.tfds import DatasetNotPreparedError
 
-from .helpers import take, tiny_shapes_config
+from ..helpers import take, tiny_shapes_config
 
 S = 64
 

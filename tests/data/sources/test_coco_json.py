@@ -9,7 +9,7 @@ from PIL import Image
 
 from effdet_jax.data.pipeline import make_eval_pipeline, make_train_pipeline
 
-from .helpers import take, tiny_shapes_config
+from ..helpers import take, tiny_shapes_config
 
 S = 64
 

@@ -19,7 +19,7 @@ import tensorflow as tf
 from effdet_jax.data import counts as C
 from effdet_jax.data.image_io import UnreadableImageError, read_rgb
 from effdet_jax.data.label_map import LabelMap, from_categories
-from effdet_jax.data.source import Source, shard_range, shard_size
+from effdet_jax.data.sources.base import Source, shard_range, shard_size
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def make_coco_json_source(
 
 
 def make_decode(index: CocoJsonIndex):
-    """record (int64 image index) -> example dict (see ``source.py``)."""
+    """record (int64 image index) -> example dict (see ``sources/base.py``)."""
     lookup = index.label_map.category_lookup()
     warned: set[str] = set()
     lock = threading.Lock()

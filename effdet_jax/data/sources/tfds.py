@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 
 from effdet_jax.data import counts as C
 from effdet_jax.data.label_map import COCO_CLASS_NAMES, LabelMap, tfds_label_to_category_table
-from effdet_jax.data.source import Source
+from effdet_jax.data.sources.base import Source
 
 
 class DatasetNotPreparedError(RuntimeError):
