@@ -10,6 +10,7 @@ This file only parses flags; everything else is in ``effdet_jax.train`` (importa
 
 import glob
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -47,6 +48,20 @@ def main(argv):
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
+    from effdet_jax.data.sources import DataUnavailableError
+
+    try:
+        run_mode(config)
+    except DataUnavailableError as e:
+        # The message is the whole story (what is missing, how to get it): no traceback.
+        sys.exit(f"error: {e}")
+    logging.info("done: %s", FLAGS.mode)
+
+
+def run_mode(config) -> None:
+    """Runs ``--mode`` (all but ``summary``) on ``config``."""
+    from effdet_jax.train import trainer
+
     if FLAGS.mode == "train_and_eval":
         trainer.train_and_evaluate(config, FLAGS.workdir)
     elif FLAGS.mode == "train":
@@ -60,7 +75,6 @@ def main(argv):
         if not paths:
             raise app.UsageError(f"--images={FLAGS.images!r} matches no file")
         trainer.predict(config, FLAGS.workdir, paths, FLAGS.output)
-    logging.info("done: %s", FLAGS.mode)
 
 
 if __name__ == "__main__":

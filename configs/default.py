@@ -51,6 +51,12 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- input pipeline (owned by effdet_jax.data) ----
     config.data = default_data_config()
+    # COCO 2017 from tfds in automl's 90-slot label space (logit = category id - 1), so the head
+    # and imported automl / effdet checkpoints agree; a COCO-json folder works by setting
+    # source="coco_json" and the four {train,eval}_{annotations,images} paths.
+    config.data.source = "tfds"
+    config.data.tfds_name = "coco/2017"
+    config.data.label_space = "coco90"
 
     # ---- optimisation (automl: SGD 0.9, lr 0.08 per 64 images, 1 epoch warm-up, cosine) ----
     config.train = ml_collections.ConfigDict()

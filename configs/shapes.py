@@ -30,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     )
 
     config.data.source = "shapes"
+    config.data.label_space = "contiguous"
     # The synthetic set is drawn for this model: one shape class per logit, images the size of
     # the input. References, so an override of model.num_classes / model.image_size moves both.
     config.data.shapes.num_classes = config.model.get_ref("num_classes")

@@ -23,6 +23,8 @@ def get_config() -> ml_collections.ConfigDict:
     )
     # The synthetic set is drawn for this model: one shape class per logit, images the size of
     # the input. References, so an override of model.num_classes / model.image_size moves both.
+    config.data.source = "shapes"
+    config.data.label_space = "contiguous"
     config.data.shapes.num_classes = config.model.get_ref("num_classes")
     config.data.shapes.image_size = config.model.get_ref("image_size")
     config.data.shapes.num_train = 64

@@ -87,6 +87,21 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
+def known_num_classes(config: ml_collections.ConfigDict) -> tuple[int, str] | None:
+    """Logits the classification head needs for ``config`` (``config.data``), with the reason,
+    where the config alone decides it: the synthetic set, and tfds COCO in either label space.
+    ``None`` where only the data can tell (a COCO-json folder's categories, other tfds sets)."""
+    if config.source == "shapes":
+        return int(config.shapes.num_classes), "config.data.shapes.num_classes"
+    if config.source == "tfds" and config.tfds_name.startswith("coco"):
+        if config.label_space == "coco90":
+            return 90, (f"tfds {config.tfds_name} with label_space='coco90' (logit = COCO "
+                        "category id - 1, automl's layout); label_space='contiguous' needs 80")
+        return 80, (f"tfds {config.tfds_name} with label_space='contiguous' (80 classes); "
+                    "label_space='coco90' needs 90")
+    return None
+
+
 _ALLOWED_KEYS = frozenset(default_data_config().keys())
 _SHAPES_KEYS = frozenset(default_data_config().shapes.keys())
 

@@ -10,7 +10,7 @@ from typing import Any
 
 import ml_collections
 
-from effdet_jax.data.config import validate_data_config
+from effdet_jax.data.config import known_num_classes, validate_data_config
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
 from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, PostprocessConfig
 from effdet_jax.models import model_config
@@ -107,6 +107,11 @@ def validate_config(
         validate_data_config(config.data)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    known = known_num_classes(config.data)
+    if known is not None:
+        n, reason = known
+        _check(config.model.num_classes == n, "model.num_classes", config.model.num_classes,
+               f"{n}, from {reason}")
 
     sections = (("loss", LossConfig), ("eval.postprocess", PostprocessConfig))
     for key, cls in sections:

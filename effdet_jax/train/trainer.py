@@ -17,6 +17,7 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
+from effdet_jax.data.sources import check_available
 from effdet_jax.train import checkpointing, distributed, evaluation_loop, input_pipeline, optimizer
 from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment, host_batch_to_global
@@ -107,10 +108,13 @@ def restore_or_init(exp: Experiment, manager) -> Any:
     return state
 
 
-def setup(config: ml_collections.ConfigDict) -> Experiment:
-    """Distributed start-up (if asked for), config validation, then the experiment."""
+def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Experiment:
+    """Distributed start-up (if asked for), config validation, the presence of the data of
+    ``splits`` (``"train"``, ``"eval"``), then the experiment: a missing dataset fails in seconds,
+    before the model is built or anything is compiled."""
     distributed.maybe_initialize()
     validate_config(config, num_devices=jax.device_count())
+    check_available(config.data, splits)
     return build_experiment(config)
 
 
@@ -133,7 +137,7 @@ def train_and_evaluate(
 
     Returns the last eval metrics (empty without evaluation).
     """
-    exp = setup(config)
+    exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",))
     primary = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
     manager = _checkpoint_manager(config, workdir)
@@ -230,7 +234,7 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint of ``workdir`` (EMA weights by default)."""
-    exp = setup(config)
+    exp = setup(config, ("eval",))
     manager = _checkpoint_manager(config, workdir)
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")

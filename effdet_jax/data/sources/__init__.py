@@ -29,6 +29,46 @@ BUILDERS: dict[str, str] = {
 }
 SOURCES: tuple[str, ...] = tuple(BUILDERS)
 SPLITS: tuple[str, ...] = ("train", "eval")
+# config.data.source -> "module:function" that checks, in seconds and before any model is built,
+# that the data of the asked splits is on disk. "shapes" is generated in code and needs none.
+AVAILABILITY_CHECKS: dict[str, str] = {
+    "tfds": "tfds:check_prepared",
+    "coco_json": "coco_json:check_files",
+}
+
+
+class DataUnavailableError(RuntimeError):
+    """The configured dataset is not there; the message names what is missing and the fixes."""
+
+
+def coco_fixes(tfds_name: str = "coco/2017", data_dir: str | None = None) -> str:
+    """The two ways to give a run COCO, as command-line fragments (for error messages)."""
+    dd = data_dir or "DIR"
+    return (
+        "Either prepare the tfds dataset (downloads ~25 GB from images.cocodataset.org):\n"
+        f"    tfds build {tfds_name} --data_dir={dd}\n"
+        f"  and run with --config.data.source=tfds --config.data.tfds_data_dir={dd}\n"
+        "or use the official COCO json files and image folders:\n"
+        "    --config.data.source=coco_json\n"
+        "    --config.data.train_annotations=COCO/annotations/instances_train2017.json"
+        " --config.data.train_images=COCO/train2017\n"
+        "    --config.data.eval_annotations=COCO/annotations/instances_val2017.json"
+        " --config.data.eval_images=COCO/val2017\n"
+        "(or --config.data.source=shapes for the built-in synthetic set)."
+    )
+
+
+def check_available(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
+    """Raise ``DataUnavailableError`` unless the data of ``splits`` (``"train"`` / ``"eval"``) of
+    the source chosen by ``config.source`` is there (``config`` is ``config.data``)."""
+    for split in splits:
+        if split not in SPLITS:
+            raise ValueError(f"split={split!r}; allowed: {SPLITS}")
+    if not splits or config.source not in AVAILABILITY_CHECKS:
+        return
+    module_name, function_name = AVAILABILITY_CHECKS[config.source].split(":")
+    module = importlib.import_module(f"{__name__}.{module_name}")
+    getattr(module, function_name)(config, splits)
 
 
 def make_source(

@@ -19,6 +19,7 @@ import tensorflow as tf
 from effdet_jax.data import counts as C
 from effdet_jax.data.image_io import UnreadableImageError, read_rgb
 from effdet_jax.data.label_map import LabelMap, from_categories
+from effdet_jax.data.sources import DataUnavailableError, coco_fixes
 from effdet_jax.data.sources.base import Source, shard_range, shard_size
 
 log = logging.getLogger(__name__)
@@ -78,6 +79,25 @@ def _xywh(ann: dict) -> list[float]:
     except (TypeError, ValueError):
         return [np.nan] * 4
     return vals if len(vals) == 4 else [np.nan] * 4
+
+
+def check_files(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
+    """Raise ``DataUnavailableError`` unless, for each of ``splits``, the annotations json is a
+    readable file and the image folder a readable directory; parses nothing."""
+    problems = []
+    for split in splits:
+        ann_key, img_key = f"{split}_annotations", f"{split}_images"
+        ann, img = config[ann_key], config[img_key]
+        if not (os.path.isfile(ann) and os.access(ann, os.R_OK)):
+            problems.append(f"config.data.{ann_key}={ann!r} is not a readable file "
+                            f"(the COCO json of the {split} split)")
+        if not (os.path.isdir(img) and os.access(img, os.R_OK | os.X_OK)):
+            problems.append(f"config.data.{img_key}={img!r} is not a readable folder "
+                            f"(the images of the {split} split)")
+    if problems:
+        raise DataUnavailableError(
+            "config.data.source='coco_json': " + "; ".join(problems) + ".\n" + coco_fixes()
+        )
 
 
 def make_coco_json_source(

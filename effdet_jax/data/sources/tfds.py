@@ -14,10 +14,11 @@ import tensorflow_datasets as tfds
 
 from effdet_jax.data import counts as C
 from effdet_jax.data.label_map import COCO_CLASS_NAMES, LabelMap, tfds_label_to_category_table
+from effdet_jax.data.sources import DataUnavailableError, coco_fixes
 from effdet_jax.data.sources.base import Source
 
 
-class DatasetNotPreparedError(RuntimeError):
+class DatasetNotPreparedError(DataUnavailableError):
     """The tfds dataset is not on disk; the message gives the command that prepares it."""
 
 
@@ -40,11 +41,41 @@ def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
 
 def _not_prepared(name: str, data_dir: str | None, cause: Exception) -> DatasetNotPreparedError:
     where = data_dir or "the default tfds data dir (~/tensorflow_datasets)"
+    head = (f"config.data.source='tfds': tfds dataset {name} is not prepared in {where} "
+            f"({type(cause).__name__}).\n")
+    if name.startswith("coco"):
+        return DatasetNotPreparedError(head + coco_fixes(name, data_dir))
     return DatasetNotPreparedError(
-        f"tfds dataset {name} is not prepared in {where} ({type(cause).__name__}). "
-        "Prepare it with:\n    " + prepare_command(name, data_dir)
+        head + "Prepare it with:\n    " + prepare_command(name, data_dir)
         + "\nor use config.data.source='shapes' (synthetic, no download)."
     )
+
+
+def _split_name(config: ml_collections.ConfigDict, split: str) -> str:
+    return config.train_split if split == "train" else config.eval_split
+
+
+def _open_split(builder: tfds.core.DatasetBuilder, name: str, data_dir: str | None,
+                split_name: str) -> tf.data.Dataset:
+    try:
+        # as_dataset is what fails when the data is missing (``is_prepared`` would also be False
+        # under tfds.testing.mock_data, which patches as_dataset only).
+        return builder.as_dataset(
+            split=split_name, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
+        )
+    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
+        if builder.is_prepared():
+            raise
+        raise _not_prepared(name, data_dir, e) from e
+
+
+def check_prepared(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
+    """Raise ``DatasetNotPreparedError`` (with both ways to get the data) unless ``splits`` of
+    ``config.tfds_name`` can be opened; reads no examples."""
+    data_dir = config.tfds_data_dir or None
+    builder = _builder(config.tfds_name, data_dir)
+    for split in splits:
+        _open_split(builder, config.tfds_name, data_dir, _split_name(config, split))
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -68,19 +99,10 @@ def make_tfds_source(
     label_map = LabelMap(tuple(int(c) for c in table), names, config.label_space)
     label_of_tfds = tf.constant([label_map.label_of_category(int(c)) for c in table], tf.int32)
 
-    split_name = config.train_split if split == "train" else config.eval_split
+    split_name = _split_name(config, split)
     shard = tfds.even_splits(split_name, n=process_count)[process_index] if process_count > 1 \
         else split_name
-    try:
-        # as_dataset is what fails when the data is missing (``is_prepared`` would also be False
-        # under tfds.testing.mock_data, which patches as_dataset only).
-        records = builder.as_dataset(
-            split=shard, shuffle_files=False, read_config=tfds.ReadConfig(try_autocache=False)
-        )
-    except (AssertionError, FileNotFoundError, tf.errors.NotFoundError) as e:
-        if builder.is_prepared():
-            raise
-        raise _not_prepared(config.tfds_name, data_dir, e) from e
+    records = _open_split(builder, config.tfds_name, data_dir, shard)
     if builder.info.splits:
         num = int(builder.info.splits[shard].num_examples)
         total = int(builder.info.splits[split_name].num_examples)
