@@ -79,8 +79,8 @@ class AutomlReference:
     def skip_unless_full(self, what: str) -> None:
         """Skips the calling test on the compact copy: ``what`` needs the full folder."""
         if not self.full:
-            pytest.skip(f"{what} is not in the compact automl copy (tests/reference/automl); "
-                        "it needs ../shared/reference/automl beside the clone")
+            pytest.skip(f"needs {what}: the compact automl copy (tests/reference/automl) leaves it "
+                        "out; it is in ../shared/reference/automl beside the clone")
 
     def arrays(self, name: str) -> dict[str, np.ndarray]:
         """A file kept whole in both copies: ``common/{anchors,labels}.npz``,
@@ -136,7 +136,7 @@ class AutomlReference:
 
     def d0_full_outputs(self) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """d0's every logit and box output per level; skips on the compact copy."""
-        self.skip_unless_full("d0's full raw outputs (d0/outputs.npz, 30 MB)")
+        self.skip_unless_full("every raw d0 output (d0/outputs.npz, 30 MB)")
         arrays = _load(self.root / "d0/outputs.npz")
         return [arrays[f"cls_{lvl}"] for lvl in LEVELS], [arrays[f"box_{lvl}"] for lvl in LEVELS]
 
