@@ -23,6 +23,7 @@ jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from automl_reference import AutomlReference, find_reference  # noqa: E402
 
 # shared/ sits beside the clone (as in CI); EFFDET_JAX_SHARED points elsewhere.
 SHARED = pathlib.Path(
@@ -32,15 +33,10 @@ SHARED_REFERENCE = SHARED / "reference"
 
 
 @pytest.fixture(scope="session")
-def automl_reference() -> pathlib.Path:
-    """Folder of google/automl reference data (read-only; see its README)."""
-    path = SHARED_REFERENCE / "automl"
-    if not path.exists():
-        pytest.fail(
-            f"automl reference data not found at {path}: shared/ must sit beside the clone, or set "
-            "EFFDET_JAX_SHARED=/path/to/shared"
-        )
-    return path
+def automl_reference() -> AutomlReference:
+    """google/automl reference data: the full shared folder when present, else the compact copy
+    in tests/reference/automl (see tests/automl_reference.py)."""
+    return find_reference(SHARED_REFERENCE)
 
 
 def load_torch_reference(name: str) -> dict[str, np.ndarray]:

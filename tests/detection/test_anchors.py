@@ -19,7 +19,7 @@ AUTOML_ASPECTS = (1.0, 2.0, 0.5)  # what automl's reference was generated with (
 
 
 def test_d0_anchors_match_automl(automl_reference):
-    ref = np.load(automl_reference / "common/anchors.npz")["boxes"]
+    ref = automl_reference.arrays("common/anchors.npz")["boxes"]
     ours = generate_anchors(AnchorConfig(aspect_ratios=AUTOML_ASPECTS, image_size=512))
     assert ours.shape == ref.shape == (49104, 4) and ours.dtype == np.float32
     np.testing.assert_allclose(ours, ref, rtol=0, atol=1e-4)
@@ -27,7 +27,7 @@ def test_d0_anchors_match_automl(automl_reference):
 
 def test_lite0_anchors_match_automl(automl_reference):
     """320 input: strides are not integers at P7 (320/3) and anchor_scale is 3."""
-    ref = np.load(automl_reference / "lite0/anchors.npz")["boxes"]
+    ref = automl_reference.arrays("lite0/anchors.npz")["boxes"]
     cfg = AnchorConfig(aspect_ratios=AUTOML_ASPECTS, anchor_scale=3.0, image_size=320)
     assert cfg.feature_sizes() == {3: (40, 40), 4: (20, 20), 5: (10, 10), 6: (5, 5), 7: (3, 3)}
     ours = generate_anchors(cfg)

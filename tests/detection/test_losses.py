@@ -1,7 +1,5 @@
 """Losses: automl's numbers (losses.json), effdet's DetectionLoss, properties, sharding."""
 
-import json
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,17 +28,22 @@ RTOL = 1e-5
 
 
 @pytest.fixture(scope="module")
-def automl_case(automl_reference):
-    """d0 outputs, automl's labels and the expected losses."""
-    labels = np.load(automl_reference / "common/labels.npz")
-    outputs = np.load(automl_reference / "d0/outputs.npz")
-    expected = json.loads((automl_reference / "common/losses.json").read_text())
+def automl_targets(automl_reference):
+    """automl's labels assigned to the d0 anchors, the anchors and the expected losses."""
+    labels = automl_reference.arrays("common/labels.npz")
+    expected = automl_reference.json("common/losses.json")
     anchors = generate_anchors(D0_ANCHORS)
     gt_classes = np.where(labels["gt_classes"] > 0, labels["gt_classes"] - 1, -1)
     targets = assign_targets(labels["gt_boxes"], gt_classes, anchors, 90)
-    cls = [outputs[f"cls_{lvl}"] for lvl in range(3, 8)]
-    box = [outputs[f"box_{lvl}"] for lvl in range(3, 8)]
-    return cls, box, targets, anchors, expected
+    return targets, anchors, expected
+
+
+@pytest.fixture(scope="module")
+def automl_case(automl_reference, automl_targets):
+    """d0's full outputs (skips on the compact copy: the loss values need every logit), automl's
+    targets and the expected losses."""
+    cls, box = automl_reference.d0_full_outputs()
+    return cls, box, *automl_targets
 
 
 def _loss(config):
@@ -82,10 +85,12 @@ def test_iou_losses_match_automl_batch_major(automl_case, iou_type):
 
 
 @pytest.mark.fullsize
-def test_automl_quirk2_is_the_level_major_misalignment(automl_case):
+def test_automl_quirk2_is_the_level_major_misalignment(automl_reference, automl_targets):
     """automl's own value comes from level-major rows decoded against batch-major tiled anchors;
-    rebuilding that misalignment with our per-row loss reproduces it (ours differs only by it)."""
-    _, box, targets, anchors, expected = automl_case
+    rebuilding that misalignment with our per-row loss reproduces it (ours differs only by it).
+    Box outputs only, so it runs on the compact copy too (d0's box outputs are whole in both)."""
+    _, box = automl_reference.d0_postprocess_inputs()
+    targets, anchors, expected = automl_targets
     batch = box[0].shape[0]
     level_rows = np.cumsum([0] + list(num_anchors_per_level(D0_ANCHORS).values()))
     box_targets = np.asarray(targets["box_targets"])
@@ -102,10 +107,10 @@ def test_automl_quirk2_is_the_level_major_misalignment(automl_case):
 
 
 def test_l2_matches_automl(automl_reference):
-    expected = json.loads((automl_reference / "common/losses.json").read_text())
-    weights = np.load(automl_reference / "d0/weights.npz")
+    expected = automl_reference.json("common/losses.json")
+    weights = automl_reference.weights("d0")
     tree: dict = {}
-    for name in weights.files:  # "a/b/kernel" -> nested dicts, like a flax params tree
+    for name in weights:  # "a/b/kernel" -> nested dicts, like a flax params tree
         *scopes, leaf = name.split("/")
         node = tree
         for scope in scopes:

@@ -41,11 +41,10 @@ def assert_same_detections(ours, boxes, scores, classes, valid, score_tol=1e-4):
 
 @pytest.fixture(scope="module")
 def d0(automl_reference):
-    outputs = np.load(automl_reference / "d0/outputs.npz")
-    detections = np.load(automl_reference / "d0/detections.npz")
-    cls = [outputs[f"cls_{lvl}"] for lvl in range(3, 8)]
-    box = [outputs[f"box_{lvl}"] for lvl in range(3, 8)]
-    return cls, box, {k: detections[k] for k in detections.files}
+    """automl's d0 outputs as post-processing sees them (on the compact copy: each anchor's max
+    logit and class, every box output) and automl's detections."""
+    cls, box = automl_reference.d0_postprocess_inputs()
+    return cls, box, automl_reference.arrays("d0/detections.npz")
 
 
 def _run(cls, box, anchors, image_size, scale, config):

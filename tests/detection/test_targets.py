@@ -30,7 +30,7 @@ def assign_jit():
 
 def test_labels_match_automl(automl_reference, assign_jit):
     """cls targets and num_positives exactly; box targets to float32 rounding."""
-    ref = np.load(automl_reference / "common/labels.npz")
+    ref = automl_reference.arrays("common/labels.npz")
     gt_classes = np.where(ref["gt_classes"] > 0, ref["gt_classes"] - 1, -1)  # 1-based -> 0-based
     out = assign_jit(ref["gt_boxes"], gt_classes, generate_anchors(D0_ANCHORS), 90)
     sizes = list(D0_ANCHORS.feature_sizes().values())

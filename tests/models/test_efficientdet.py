@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from automl_reference import ReferenceOutputs
 from conftest import load_torch_reference
 
 from effdet_jax import efficientdet
@@ -108,68 +109,69 @@ def test_fusion_methods_definitions():
 
 @pytest.fixture(scope="module")
 def automl(automl_reference):
-    image = np.load(automl_reference / "common/input.npz")["image"]
-    return automl_reference, image
+    return automl_reference, automl_reference.input("d0")
 
 
-def _assert_outputs_match(cls, box, ref, levels_cls=LEVELS, levels_box=LEVELS):
+def _assert_outputs_match(cls, box, ref: ReferenceOutputs, levels_cls=LEVELS, levels_box=LEVELS):
+    """Every reference output ``cls_L`` (L in levels_cls) and ``box_L`` (L in levels_box) matches
+    ours to 1e-4 of the reference's max |value|; the reference holds exactly those keys. Sampled
+    references compare our outputs at their stored positions."""
+    expected_keys = {f"cls_{lvl}" for lvl in levels_cls} | {f"box_{lvl}" for lvl in levels_box}
+    assert ref.keys() == expected_keys
     for i, lvl in enumerate(LEVELS):
-        for name, out, levels in (("cls", cls, levels_cls), ("box", box, levels_box)):
+        for name, out in (("cls", cls), ("box", box)):
             key = f"{name}_{lvl}"
-            if lvl not in levels or key not in ref:
+            if key not in expected_keys:
                 continue
-            expected = ref[key]
-            err = np.abs(np.asarray(out[i]) - expected).max()
-            assert err <= 1e-4 * np.abs(expected).max(), (key, err)
+            expected = ref.arrays[key]
+            err = np.abs(ref.select(key, out[i]) - expected).max()
+            assert err <= 1e-4 * ref.scales[key], (key, err)
 
 
 @pytest.mark.fullsize
 def test_automl_d0_weights_match_reference_outputs(automl):
     root, image = automl
     model = efficientdet("efficientdet-d0")
-    variables = convert_automl_arrays(dict(np.load(root / "d0/weights.npz")), model)
+    variables = convert_automl_arrays(root.weights("d0"), model)
     cls, box = jax.jit(model.apply)(variables, image)
-    _assert_outputs_match(cls, box, np.load(root / "d0/outputs.npz"))
+    _assert_outputs_match(cls, box, root.outputs("d0"))
 
 
 @pytest.mark.fullsize
 @pytest.mark.parametrize("archive", ["d0/ckpt_tf1_ema.tar.xz", "d0/ckpt_tf2_save_weights.tar.xz"])
 def test_automl_checkpoints_load_and_match(automl, archive, tmp_path):
     root, image = automl
-    with tarfile.open(root / archive) as tar:
+    with tarfile.open(root.archive(archive)) as tar:
         tar.extractall(tmp_path, filter="data")
     (ckpt_dir,) = [p for p in pathlib.Path(tmp_path).iterdir() if p.is_dir()]
     # The TF1 checkpoint's raw (non-EMA) copies hold 2x the values: only EMA reads match.
     variables = load_automl_checkpoint(str(ckpt_dir), "efficientdet-d0")
     model = efficientdet("efficientdet-d0")
     cls, box = jax.jit(model.apply)(variables, image)
-    _assert_outputs_match(cls, box, np.load(root / "d0/outputs.npz"))
+    _assert_outputs_match(cls, box, root.outputs("d0"))
 
 
 @pytest.mark.fullsize
 def test_automl_channel_attn_matches(automl):
     root, image = automl
-    arrays = dict(np.load(root / "d0/weights.npz"))
-    arrays.update(np.load(root / "d0_channel_attn/weights_delta.npz"))
     model = efficientdet("efficientdet-d0", fpn_weight_method="channel_attn")
-    variables = convert_automl_arrays(arrays, model)
+    variables = convert_automl_arrays(root.weights("d0_channel_attn"), model)
     cls, box = jax.jit(model.apply)(variables, image)
-    _assert_outputs_match(cls, box, np.load(root / "d0_channel_attn/outputs.npz"))
+    _assert_outputs_match(cls, box, root.outputs("d0_channel_attn"), levels_cls=(6, 7))
 
 
 @pytest.mark.fullsize
 def test_automl_lite0_matches(automl):
     root, _ = automl
     model = efficientdet("efficientdet-lite0")
-    variables = convert_automl_arrays(dict(np.load(root / "lite0/weights.npz")), model)
-    image = np.load(root / "lite0/input.npz")["image"]
-    cls, box = jax.jit(model.apply)(variables, image)
-    _assert_outputs_match(cls, box, np.load(root / "lite0/outputs.npz"))
+    variables = convert_automl_arrays(root.weights("lite0"), model)
+    cls, box = jax.jit(model.apply)(variables, root.input("lite0"))
+    _assert_outputs_match(cls, box, root.outputs("lite0"), levels_cls=(6, 7))
 
 
 def test_automl_converter_names_what_is_wrong(automl):
     root, _ = automl
-    arrays = dict(np.load(root / "d0/weights.npz"))
+    arrays = root.weights("d0")
     # d0's scalar fusion weights into a model that expects none (sum fusion): unused names listed.
     with pytest.raises(CheckpointMismatchError, match="WSM"):
         convert_automl_arrays(arrays, efficientdet("efficientdet-d0", fpn_weight_method="sum"))
@@ -188,9 +190,8 @@ def test_effdet_state_dict_matches_effdet_outputs(name):
     variables = load_effdet_state_dict(sd, name)
     model = efficientdet(name.replace("tf_efficientdet_", "efficientdet-"))
     cls, box = jax.jit(model.apply)(variables, ref[f"{name}/input"])
-    _assert_outputs_match(
-        cls, box, {k[len(name) + 1:]: v for k, v in ref.items() if k.startswith(f"{name}/")}
-    )
+    arrays = {k[len(name) + 1:]: v for k, v in ref.items() if k.startswith(f"{name}/")}
+    _assert_outputs_match(cls, box, ReferenceOutputs.whole(arrays))
 
 
 def _tiny(**overrides):
