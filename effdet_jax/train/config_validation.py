@@ -13,7 +13,7 @@ import ml_collections
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
 from effdet_jax.detection.postprocess import NMS_METHODS, PostprocessConfig
 from effdet_jax.models import model_config
-from effdet_jax.train.model_factory import model_overrides
+from effdet_jax.train.experiment import model_overrides
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "stepwise", "polynomial", "constant")
