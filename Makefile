@@ -33,10 +33,11 @@ $(REFS)/%.npz: tools/torch_reference/make_%.py tools/torch_reference/common.py $
 
 refs: $(REF_FILES)
 
-# Huge pages for glibc malloc halve XLA:CPU step times here (fewer page faults on big buffers);
-# harmless where transparent huge pages are off. See benchmarks/RESULTS.md.
+# main.py sets up its own malloc: it re-executes itself with tcmalloc (or jemalloc) preloaded where
+# one is installed, else with glibc's huge pages (effdet_jax/train/launcher.py;
+# EFFDET_JAX_CPU_MALLOC=0 keeps the environment as given).
 demo: setup
-	GLIBC_TUNABLES=glibc.malloc.hugetlb=1 $(PY) main.py --config=configs/shapes.py --workdir=$(WORKDIR)
+	$(PY) main.py --config=configs/shapes.py --workdir=$(WORKDIR)
 
 lint: setup
 	$(VENV)/bin/ruff check .

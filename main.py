@@ -15,7 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from effdet_jax import cpu_malloc
+from effdet_jax.train import launcher
 
 MODES = ("train", "eval", "train_and_eval", "predict", "summary")
 
@@ -33,16 +33,16 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Imported here, not at the top: the trainer pulls in TensorFlow (~4 s), which would be
-    # wasted before cpu_malloc's re-execution.
+    # Imported here, not at the top: the trainer pulls in TensorFlow, which the launcher's
+    # re-execution would load twice.
     from effdet_jax.data import hide_gpus_from_tf
 
     hide_gpus_from_tf()
     from effdet_jax.train import trainer
 
     config = FLAGS.config
-    if cpu_malloc.jax_will_use_cpu(os.environ):
-        logging.info(cpu_malloc.status_line(os.environ))
+    if launcher.jax_will_use_cpu(os.environ):
+        logging.info(launcher.status_line(os.environ))
     if FLAGS.mode == "summary":
         print(trainer.summary(config))
         return
@@ -79,6 +79,7 @@ def run_mode(config) -> None:
 
 if __name__ == "__main__":
     # Before anything runs: with glibc's malloc every XLA:CPU train step page-faults its whole
-    # working set again; this re-executes once with tcmalloc preloaded (effdet_jax/cpu_malloc.py).
-    cpu_malloc.reexec_with_cpu_malloc()
+    # working set again; this re-executes once with tcmalloc preloaded where it is installed
+    # (effdet_jax/train/launcher.py; EFFDET_JAX_CPU_MALLOC=0 opts out).
+    launcher.reexec_with_cpu_malloc()
     app.run(main)

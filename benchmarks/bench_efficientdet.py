@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--malloc", choices=sorted(MALLOC_ENV), default="cached",
                         help="allocator for both sides (see common.MALLOC_ENV)")
     parser.add_argument("--no-huge-pages", action="store_true",
-                        help="leave both sides' heaps in 4 KiB pages (effdet_jax/huge_pages.py)")
+                        help="leave both sides' heaps in 4 KiB pages (benchmarks/huge_pages.py)")
     parser.add_argument("--modes", default="infer,e2e,train",
                         help="comma-separated modes to run (infer, e2e, train)")
     parser.add_argument("--variants", action="store_true",

@@ -30,34 +30,35 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 
+import huge_pages  # benchmarks/huge_pages.py, beside this file
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TORCH_PYTHON = pathlib.Path.home() / ".cache/effdet_jax/torch-venv/bin/python"
 JAX_PYTHON = ROOT / ".venv/bin/python"
 
 
-def _load_stdlib_module(name: str):
-    """``effdet_jax/<name>.py`` loaded by path: it is stdlib-only, and the torch side's
+def _load_launcher():
+    """``effdet_jax/train/launcher.py`` loaded by path: it is stdlib-only, and the torch side's
     environment has neither effdet_jax nor jax (importing the package would import jax)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"effdet_jax/{name}.py")
+    spec = importlib.util.spec_from_file_location("launcher", ROOT / "effdet_jax/train/launcher.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-cpu_malloc = _load_stdlib_module("cpu_malloc")
-huge_pages = _load_stdlib_module("huge_pages")
+launcher = _load_launcher()
 RESULT_PREFIX = "RESULT "
 # XLA:CPU and PyTorch both malloc their large per-step buffers afresh each step; glibc serves them
 # with fresh mmaps that every step page-faults and zero-fills again (a D0 train step: more system
 # than user time). ``cached`` (the default) preloads tcmalloc (or jemalloc), which reuses freed
-# extents: what main.py does for itself (effdet_jax/cpu_malloc.py) and what PyTorch's CPU tuning
+# extents: what main.py does for itself (effdet_jax/train/launcher.py) and what PyTorch's CPU tuning
 # guide recommends. ``hugetlb`` only backs the fresh regions with huge pages (the setting of the
 # 2026-11-25 runs); ``default`` is plain glibc. Both sides always run under the same setting.
-_ALLOCATOR = cpu_malloc.find_allocator()
+_ALLOCATOR = launcher.find_allocator()
 MALLOC_ENV = {
-    "cached": cpu_malloc.cpu_malloc_env({}, _ALLOCATOR),
+    "cached": launcher.cpu_malloc_env({}, _ALLOCATOR),
     "hugetlb": {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"},
     "default": {},
 }
@@ -103,7 +104,7 @@ def timed(fn: Callable[[], object], warmup: int, repeats: int, min_warmup_s: flo
 
 def after_first_call(case: dict) -> dict:
     """What both sides do once the first call has allocated the step's buffers: back the resident
-    heap with huge pages (``effdet_jax/huge_pages.py``) unless ``case["huge_pages"]`` is false.
+    heap with huge pages (``huge_pages.py``) unless ``case["huge_pages"]`` is false.
     Returns the result fields that record it."""
     if not case.get("huge_pages", True):
         return {"huge_pages_mb": 0}

@@ -51,15 +51,35 @@ class EfficientDet(nn.Module):
         cell_cls = nn.remat(BiFPNCell, static_argnums=(2,)) if cfg.remat else BiFPNCell
         for c in range(cfg.fpn_cell_repeats):
             feats = cell_cls(
-                cfg.min_level, cfg.max_level, cfg.fpn_num_filters, sizes, cfg.fpn_weight_method,
-                cfg.activation, cfg.separable_conv, dtype, cfg.depthwise_impl, name=f"fpn_cell_{c}",
+                min_level=cfg.min_level,
+                max_level=cfg.max_level,
+                features=cfg.fpn_num_filters,
+                feature_sizes=sizes,
+                weight_method=cfg.fpn_weight_method,
+                activation=cfg.activation,
+                separable_conv=cfg.separable_conv,
+                dtype=dtype,
+                depthwise_impl=cfg.depthwise_impl,
+                name=f"fpn_cell_{c}",
             )(feats, train)
 
         head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
-            outputs, cfg.num_anchors, cfg.fpn_num_filters, cfg.box_class_repeats, cfg.min_level,
-            cfg.max_level, cfg.activation, prior, cfg.head_drop_connect_rate,
-            "sample" if cfg.drop_connect_variant in ("none", "weight") else cfg.drop_connect_variant,
-            dtype, cfg.depthwise_impl, name=name,
+            num_outputs=outputs,
+            num_anchors=cfg.num_anchors,
+            features=cfg.fpn_num_filters,
+            repeats=cfg.box_class_repeats,
+            min_level=cfg.min_level,
+            max_level=cfg.max_level,
+            activation=cfg.activation,
+            bias_prior=prior,
+            drop_connect_rate=cfg.head_drop_connect_rate,
+            drop_connect_variant=(
+                "sample" if cfg.drop_connect_variant in ("none", "weight")
+                else cfg.drop_connect_variant
+            ),
+            dtype=dtype,
+            depthwise_impl=cfg.depthwise_impl,
+            name=name,
         )
         class_outputs = head(cfg.num_classes, CLASS_PRIOR, "class_net")(feats, train)
         box_outputs = head(4, None, "box_net")(feats, train)

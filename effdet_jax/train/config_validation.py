@@ -16,7 +16,7 @@ from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, Postp
 from effdet_jax.models import model_config
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
-from effdet_jax.train.model_factory import model_overrides
+from effdet_jax.train.experiment import model_overrides
 
 OPTIMIZERS = ("sgd", "adam")
 LR_SCHEDULES = ("cosine", "stepwise", "polynomial", "constant")

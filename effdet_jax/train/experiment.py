@@ -1,8 +1,18 @@
-"""Everything built from a config before the first step: mesh, model, optimizer, shardings, and
-the jitted ``init`` / ``train_step`` / ``detect`` functions.
+"""Everything built from a config before the first step: mesh, model, loss, optimizer, shardings,
+and the jitted ``init`` / ``train_step`` / ``detect`` functions.
 
 Kept apart from the loop (``trainer.py``) so tests and notebooks can build an experiment and call
 its pieces directly. Nothing here touches the input pipeline or the filesystem.
+
+The pieces built here from ``config`` sections:
+
+- ``config.model`` -> the flax module (``build_model``; ``model_overrides`` are the set fields);
+- ``config.loss`` -> ``make_loss_fn``: targets assigned on device from the ground truth, then the
+  detection losses and the L2 term (``effdet_jax.detection``; the losses cast outputs to float32
+  themselves, so bfloat16 models keep float32 losses);
+- ``config.eval.postprocess`` -> ``make_detect_fn``: the forward pass in inference mode, then
+  automl's post-processing on device (candidates, decode, NMS), so only ``max_detections`` boxes
+  per image ever reach the host.
 """
 
 import dataclasses
@@ -11,23 +21,106 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from effdet_jax.train import eval_step, objective, optimizer
+from effdet_jax.detection import anchors, losses, targets
+from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
+from effdet_jax.models.efficientdet import efficientdet
 from effdet_jax.train import mesh as mesh_lib
-from effdet_jax.train.model_factory import build_model
-from effdet_jax.train.train_state import TrainState, create_train_state
-from effdet_jax.train.train_step import TRAIN_KEYS, StepOptions, make_train_step
+from effdet_jax.train import optimizer
+from effdet_jax.train.train_step import (
+    TRAIN_KEYS,
+    StepOptions,
+    TrainState,
+    create_train_state,
+    make_train_step,
+)
+
+LossFn = Callable[[list, list, dict, Any], tuple[jax.Array, dict[str, jax.Array]]]
 
 # ``init`` runs once, so its speed is irrelevant, but XLA's optimisation passes over the hundreds
-# of threefry initialisers take minutes on a CPU (87 s vs 11 s for a thin D0): compile it at -O0.
+# of threefry initialisers take minutes on a CPU: compile it at -O0.
 INIT_COMPILER_OPTIONS = {
     "xla_backend_optimization_level": 0,
     "xla_llvm_disable_expensive_passes": True,
 }
+
+
+def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
+    """Keyword overrides for ``get_efficientdet_config``: the set fields of ``config.model``.
+
+    ``name`` and ``num_classes`` are passed separately; unset placeholders (``None``) mean "use the
+    model table's value" and are left out.
+    """
+    overrides = {
+        key: model_cfg[key]
+        for key in (
+            "image_size", "fpn_weight_method", "backbone_drop_connect_rate", "drop_connect_variant"
+        )
+        if model_cfg[key] is not None
+    }
+    overrides["dtype"] = model_cfg.dtype
+    overrides["remat"] = bool(model_cfg.remat)
+    overrides.update(model_cfg.overrides.to_dict())
+    return overrides
+
+
+def build_model(model_cfg: ml_collections.ConfigDict) -> Any:
+    """The flax module for ``config.model`` (``model.config`` is its frozen model config)."""
+    return efficientdet(
+        model_cfg.name, num_classes=model_cfg.num_classes, **model_overrides(model_cfg)
+    )
+
+
+def anchors_for(model_config: Any) -> jax.Array:
+    """[num_anchors, 4] yxyx pixel anchors for a model config (level, y, x, anchor order)."""
+    return jnp.asarray(anchors.generate_anchors(model_config.anchor_config()))
+
+
+def make_loss_fn(model_config: Any, loss_cfg: ml_collections.ConfigDict, num_classes: int) -> LossFn:
+    """``loss_fn(cls_outputs, box_outputs, batch, params) -> (total, parts)``.
+
+    ``cls_outputs``/``box_outputs`` are the model's per-level lists; ``batch`` holds ``boxes``
+    [B, M, 4] yxyx pixels and ``classes`` [B, M] int32 (0-based, -1 padding, -2 crowd). Targets
+    are assigned on device, inside the jitted step. ``total`` includes the L2 term on ``params``'
+    kernels; ``parts`` are ``detection.losses.detection_loss``'s (``cls_loss``, ``box_loss``,
+    ``box_iou_loss``, ``det_loss``, ``reg_l2_loss``, ``num_positives_sum``).
+    """
+    anchor_boxes = anchors_for(model_config)
+    config = losses.LossConfig(**loss_cfg.to_dict())
+
+    def loss_fn(cls_outputs, box_outputs, batch, params):
+        tgt = targets.assign_targets(batch["boxes"], batch["classes"], anchor_boxes, num_classes)
+        return losses.detection_loss(
+            cls_outputs, box_outputs, tgt, anchor_boxes, config, params=params
+        )
+
+    return loss_fn
+
+
+def make_detect_fn(
+    model: Any, model_config: Any, postprocess_cfg: ml_collections.ConfigDict
+) -> Callable[[dict, jax.Array], dict[str, jax.Array]]:
+    """``detect(variables, images) -> detections`` (pure; jit it).
+
+    ``variables``: {"params", "batch_stats"}; ``images``: [B, S, S, 3] float32 normalised like
+    training. Returns ``boxes`` [B, D, 4] yxyx in *network-input* pixels (multiply by a batch's
+    ``image_scale`` for original pixels), ``scores`` [B, D], ``classes`` [B, D] int32 0-based
+    (-1 on padding rows) and ``valid`` [B] int32, D = ``max_detections``.
+    """
+    anchor_boxes = anchors_for(model_config)
+    config = PostprocessConfig(**postprocess_cfg.to_dict())
+
+    def detect(variables, images):
+        cls_out, box_out = model.apply(variables, images, train=False)
+        return postprocess(
+            cls_out, box_out, anchor_boxes, model_config.image_size, None, config
+        )
+
+    return detect
 
 
 @dataclasses.dataclass
@@ -94,7 +187,7 @@ def build_experiment(
     step_fn = make_train_step(
         model,
         tx,
-        objective.make_loss_fn(model_config, config.loss, config.model.num_classes),
+        make_loss_fn(model_config, config.loss, config.model.num_classes),
         schedule,
         StepOptions(
             ema_decay=config.train.ema_decay,
@@ -107,7 +200,7 @@ def build_experiment(
         out_shardings=(state_sh, repl),
         donate_argnums=(0,),
     )
-    detect_fn = eval_step.make_detect_fn(model, model_config, config.eval.postprocess)
+    detect_fn = make_detect_fn(model, model_config, config.eval.postprocess)
     variables_sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}
     detect = jax.jit(detect_fn, in_shardings=(variables_sh, batch_sh), out_shardings=batch_sh)
     return Experiment(
@@ -124,16 +217,3 @@ def build_experiment(
         detect=detect,
     )
 
-
-def host_batch_to_global(
-    batch: dict[str, Any], sharding: NamedSharding, keys: tuple[str, ...]
-) -> dict[str, jax.Array]:
-    """This process's rows -> global arrays sharded along ``data`` (no host round-trip later).
-
-    Each process passes its own ``[B / process_count, ...]`` slice; the global batch is their
-    concatenation in process order.
-    """
-    return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(batch[k]))
-        for k in keys
-    }

@@ -3,7 +3,7 @@
 automl's recipe: the learning rate is ``learning_rate * global_batch / 64``; a linear warm-up from
 ``lr_warmup_init`` (not scaled) over ``lr_warmup_epochs``; then cosine decay. Gradients are clipped
 per tensor and then globally at ``clip_gradients_norm``. Weight decay is an L2 term in the loss
-(see ``train_step``), not a decoupled optimizer decay.
+(``experiment.make_loss_fn``), not a decoupled optimizer decay.
 """
 
 import math

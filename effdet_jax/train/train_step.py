@@ -1,4 +1,9 @@
-"""The jitted training step: forward, losses, gradients, optimizer, EMA, non-finite guard.
+"""The train state and the jitted training step: forward, losses, gradients, optimizer, EMA,
+non-finite guard.
+
+``TrainState`` is everything a step reads and writes, as one pytree: it is sharded, donated to the
+jitted step and checkpointed as a whole, so a resumed run continues with the same weights,
+optimizer moments, EMA copies, step counter and random key.
 
 One call = one optimizer step over the global batch. With ``grad_accum_steps = k`` the batch is
 split into k micro-batches whose gradients are averaged (BN statistics advance per micro-batch, as
@@ -8,19 +13,75 @@ global (micro-)batch, i.e. synchronized BN, without any ``axis_name``.
 A non-finite loss or gradient leaves ``params``, ``batch_stats``, ``opt_state`` and the EMA copies
 unchanged (the step counter and therefore the input position still advance); the metrics carry the
 non-finite values so the host can name the offending part and, by policy, stop or go on.
+
+The weights' exponential moving average follows automl (tfa ``MovingAverage(dynamic_decay=True)``
+/ TF1 ``ExponentialMovingAverage`` with ``num_updates``): ``decay_t = min(decay, (1 + t) / (10 + t))``
+where ``t`` is the optimizer step count *after* the update (1 for the first one), and the BN moving
+statistics are averaged too.
 """
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
+import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
-from effdet_jax.train import ema as ema_lib
-from effdet_jax.train.train_state import TrainState
-
 TRAIN_KEYS = ("images", "boxes", "classes")  # what the step reads from a batch
+
+
+@flax.struct.dataclass
+class TrainState:
+    """``step``: int32 count of applied optimizer steps. ``rng``: base key (uint32 [2] raw key);
+    step ``i`` uses ``fold_in(rng, i)``. ``ema_*`` mirror ``params``/``batch_stats``."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    ema_params: Any
+    ema_batch_stats: Any
+    rng: jax.Array
+
+
+def create_train_state(
+    model, tx: optax.GradientTransformation, rng: jax.Array, image_size: int
+) -> TrainState:
+    """Initialises the model on a [1, S, S, 3] dummy batch (pure; jit it with out_shardings).
+
+    ``rng`` is a raw uint32 key; it is split into the init key and the training key.
+    """
+    init_rng, train_rng = jax.random.split(rng)
+    images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init(init_rng, images, train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        ema_params=params,
+        ema_batch_stats=batch_stats,
+        rng=train_rng,
+    )
+
+
+def ema_decay(decay: float, step_after_update: jax.Array) -> jax.Array:
+    """``min(decay, (1 + t) / (10 + t))`` as float32; ``decay == 0`` gives 0 (EMA = weights)."""
+    t = jnp.asarray(step_after_update, jnp.float32)
+    return jnp.minimum(jnp.float32(decay), (1.0 + t) / (10.0 + t))
+
+
+def update_ema(ema_tree: Any, new_tree: Any, decay: jax.Array) -> Any:
+    """``ema <- decay * ema + (1 - decay) * new`` leaf by leaf (both trees have equal structure)."""
+    return jax.tree.map(
+        lambda e, n: (decay * e + (1.0 - decay) * n.astype(jnp.float32)).astype(e.dtype),
+        ema_tree,
+        new_tree,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +114,7 @@ def make_train_step(
 ) -> Callable[[TrainState, dict[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
     """``train_step(state, batch) -> (state, metrics)``, pure; jit it with shardings.
 
-    ``loss_fn(cls_outputs, box_outputs, batch, params) -> (total, parts)`` (``objective``).
+    ``loss_fn(cls_outputs, box_outputs, batch, params) -> (total, parts)`` (``experiment.make_loss_fn``).
     ``metrics`` are float32 scalars: ``loss`` (total, L2 included), the loss parts, ``grad_norm``
     (before clipping), ``learning_rate`` and ``finite`` (1.0 when the update was applied).
     """
@@ -122,9 +183,9 @@ def make_train_step(
 
         new_step = state.step + 1
         if options.ema_decay > 0:
-            decay = ema_lib.ema_decay(options.ema_decay, new_step)
-            ema_params = ema_lib.update_ema(state.ema_params, new_params, decay)
-            ema_stats = ema_lib.update_ema(state.ema_batch_stats, new_stats, decay)
+            decay = ema_decay(options.ema_decay, new_step)
+            ema_params = update_ema(state.ema_params, new_params, decay)
+            ema_stats = update_ema(state.ema_batch_stats, new_stats, decay)
         else:
             ema_params, ema_stats = new_params, new_stats
         new_state = state.replace(

@@ -1,10 +1,22 @@
 """The training / evaluation loop: ``train_and_evaluate(config, workdir)`` and friends.
 
 Everything is built by ``experiment.build_experiment``; this module only orders the work:
-restore or initialise, feed batches, log one step late (the device never waits for the host),
-evaluate, checkpoint, and stop cleanly on SIGTERM or a non-finite loss.
+multi-process start-up, restore or initialise, feed batches, log one step late (the device never
+waits for the host), evaluate, checkpoint, and stop cleanly on SIGTERM or a non-finite loss.
+
+Multi-process runs: ``jax.distributed.initialize`` runs only when the environment asks for it. A
+laptop run has none of the variables and stays single-process. A cluster job sets either
+``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` (e.g. two processes on one
+machine), or is a SLURM / Open MPI / Cloud TPU job that jax detects by itself.
+
+Evaluation (``evaluate_state``): every process runs the jitted ``detect`` on its shard of each
+global batch; the detections and the batch's ground-truth fields are gathered to every process,
+which all compute the same COCO metrics (COCO AP does not decompose over shards). Only process 0's
+writer actually writes.
 """
 
+import itertools
+import logging as pylogging
 import os
 import signal
 import threading
@@ -17,15 +29,21 @@ from absl import logging
 from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
-from effdet_jax.data.sources import check_available
-from effdet_jax.train import checkpointing, distributed, evaluation_loop, input_pipeline, optimizer
+from effdet_jax import evaluation, visualize
+from effdet_jax.data.sources import check_available, make_source
+from effdet_jax.data.transforms import denormalize_image
+from effdet_jax.train import batches, checkpointing, optimizer
+from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import validate_config
-from effdet_jax.train.experiment import Experiment, build_experiment, host_batch_to_global
+from effdet_jax.train.experiment import Experiment, build_experiment
 from effdet_jax.train.train_step import TRAIN_KEYS
 
 # Loss parts a non-finite error names (keys of the step metrics), in the order they are checked.
 LOSS_PARTS = ("cls_loss", "box_loss", "box_iou_loss", "reg_l2_loss")
 _PART_NAMES = {"cls_loss": "cls", "box_loss": "box", "box_iou_loss": "iou", "reg_l2_loss": "l2"}
+# Fields of an eval batch the evaluator needs, besides the detections.
+_GT_KEYS = ("image_id", "image_scale", "boxes", "classes", "crowd_classes")
+_CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -108,11 +126,30 @@ def restore_or_init(exp: Experiment, manager) -> Any:
     return state
 
 
+def maybe_initialize_distributed() -> bool:
+    """Initialises jax.distributed when the environment says so; returns whether it did."""
+    if jax.distributed.is_initialized():
+        return False
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+        )
+        return True
+    if any(os.environ.get(k) for k in _CLUSTER_HINTS) and int(
+        os.environ.get("SLURM_NTASKS", os.environ.get("OMPI_COMM_WORLD_SIZE", "2"))
+    ) > 1:
+        jax.distributed.initialize()
+        return True
+    return False
+
+
 def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Experiment:
     """Distributed start-up (if asked for), config validation, the presence of the data of
     ``splits`` (``"train"``, ``"eval"``), then the experiment: a missing dataset fails in seconds,
     before the model is built or anything is compiled."""
-    distributed.maybe_initialize()
+    maybe_initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
     check_available(config.data, splits)
     return build_experiment(config)
@@ -148,7 +185,7 @@ def train_and_evaluate(
         _write_params_overview(state, primary)
         writer.write_hparams(_flat_hparams(config))
 
-    batches = input_pipeline.train_batches(config, exp.image_size, start_step=start)
+    train_iter = batches.train_batches(config, exp.image_size, start_step=start)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]
     stop = _StopRequest()
     eval_metrics: dict[str, float] = {}
@@ -175,7 +212,7 @@ def train_and_evaluate(
     try:
         with jax.set_mesh(exp.mesh):
             for step in range(start + 1, total + 1):
-                host_batch = next(batches)
+                host_batch = next(train_iter)
                 batch = host_batch_to_global(host_batch, exp.batch_sharding, TRAIN_KEYS)
                 state, device_metrics = exp.train_step(state, batch)
                 drain()  # the previous step's metrics, fetched while this one runs
@@ -191,7 +228,7 @@ def train_and_evaluate(
                     drain()  # never checkpoint a state whose step was not checked
                 if do_eval:
                     with hooks[0].timed("eval"):
-                        eval_metrics = evaluation_loop.evaluate(exp, state, writer, step)
+                        eval_metrics = evaluate_state(exp, state, writer, step)
                 if do_save or stopping:
                     checkpointing.save(
                         manager,
@@ -232,6 +269,57 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
+def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[str, float]:
+    """COCO metrics of ``state`` (EMA weights by default) on ``config.eval``'s split.
+
+    Writes ``eval/<metric>`` scalars and ``eval/detections`` images at ``step``.
+    """
+    config = exp.config
+    pipeline = batches.eval_pipeline(config, exp.image_size)
+    evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations)
+    variables = exp.eval_variables(state)
+    num_batches = pipeline.num_batches
+    if config.eval.num_images is not None:
+        num_batches = min(num_batches, -(-config.eval.num_images // config.eval.batch_size))
+    summary_images = None
+    for host_batch in itertools.islice(iter(pipeline), num_batches):
+        images = host_batch_to_global(host_batch, exp.batch_sharding, ("images",))["images"]
+        detections = gather_to_all(exp.detect(variables, images))
+        gt = gather_to_all({k: host_batch[k] for k in _GT_KEYS if k in host_batch})
+        dets = tuple(detections[k] for k in ("boxes", "scores", "classes", "valid"))
+        evaluator.add_batch(gt, dets)
+        if summary_images is None and config.eval.num_summary_images > 0:
+            n = config.eval.num_summary_images
+            summary_images = _draw(host_batch["images"][:n], detections,
+                                   pipeline.label_map.class_names())
+    pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
+    metrics = evaluator.evaluate()
+    logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if summary_images is not None:
+        writer.write_images(step, {"eval/detections": summary_images})
+    return metrics
+
+
+def _draw(images: np.ndarray, detections: dict, class_names, threshold: float = 0.3) -> np.ndarray:
+    """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard."""
+    rgb = np.clip(denormalize_image(np.asarray(images)), 0, 255)
+    drawn = [
+        np.asarray(
+            visualize.draw_detections(
+                rgb[i].astype(np.uint8),
+                detections["boxes"][i],
+                detections["scores"][i],
+                detections["classes"][i],
+                class_names,
+                score_threshold=threshold,
+            )
+        )
+        for i in range(len(images))
+    ]
+    return np.stack(drawn)
+
+
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     """Evaluates the latest checkpoint of ``workdir`` (EMA weights by default)."""
     exp = setup(config, ("eval",))
@@ -243,7 +331,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         workdir, just_logging=jax.process_index() != 0, collection="eval"
     )
     with jax.set_mesh(exp.mesh):
-        metrics = evaluation_loop.evaluate(exp, state, writer, int(jax.device_get(state.step)))
+        metrics = evaluate_state(exp, state, writer, int(jax.device_get(state.step)))
     writer.flush()
     manager.close()
     return metrics
@@ -254,9 +342,6 @@ def predict(
 ) -> list[dict]:
     """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
     images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
-    from effdet_jax import visualize
-    from effdet_jax.data.sources import make_source
-
     exp = setup(config)
     manager = _checkpoint_manager(config, workdir)
     if manager.latest_step() is None:
@@ -271,7 +356,7 @@ def predict(
         out = jax.device_get(exp.detect(variables, batch["images"]))
         return out["boxes"], out["scores"], out["classes"], out["valid"]
 
-    class_names = make_source(config.data, "eval").label_map.names
+    class_names = make_source(config.data, "eval").label_map.class_names()
     with jax.set_mesh(exp.mesh):
         return visualize.predict_images(
             paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size

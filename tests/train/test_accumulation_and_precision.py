@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from train_helpers import max_abs_diff, random_batch, tiny_config
 
-from effdet_jax.train import experiment, objective
+from effdet_jax.train import batches, experiment
 from effdet_jax.train import mesh as mesh_lib
 from effdet_jax.train.train_step import TRAIN_KEYS
 
@@ -28,7 +28,7 @@ def _one_step(exp, seed=0):
     init = jax.device_get(state)
     host = random_batch(8, exp.image_size, exp.config.model.num_classes, seed=seed)
     with jax.set_mesh(exp.mesh):
-        batch = experiment.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
+        batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
         state, metrics = exp.train_step(state, batch)
     return init, host, jax.device_get(state), jax.device_get(metrics)
 
@@ -37,7 +37,7 @@ def test_grad_accumulation_is_the_mean_of_sequential_micro_batch_gradients():
     k = 2
     exp = _experiment(tiny_config(grad_accum_steps=k))
     init, host, state, metrics = _one_step(exp)
-    loss_fn = objective.make_loss_fn(exp.model.config, exp.config.loss, exp.config.model.num_classes)
+    loss_fn = experiment.make_loss_fn(exp.model.config, exp.config.loss, exp.config.model.num_classes)
     rng = jax.random.fold_in(init.rng, 0)
 
     @jax.jit

@@ -18,7 +18,7 @@ from train_helpers import random_batch
 
 import effdet_jax
 from effdet_jax.models.efficientnet import count_params
-from effdet_jax.train import experiment
+from effdet_jax.train import batches, experiment
 from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.train_step import TRAIN_KEYS
 
@@ -71,7 +71,7 @@ def test_sharded_train_step_lowers_at_reduced_size(name):
     )
     host = random_batch(8, exp.image_size, config.model.num_classes, seed=0)
     with jax.set_mesh(exp.mesh):
-        batch = experiment.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
+        batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
         lowered = exp.train_step.lower(state, batch)
     # FSDP put large kernels along `data`, and the batch enters split 8 ways along it.
     specs = [leaf.spec for leaf in jax.tree.leaves(exp.state_shardings)]
@@ -99,7 +99,7 @@ def test_one_sharded_train_step_at_reduced_size(name):
     before = jax.device_get(state.params)
     host = random_batch(8, exp.image_size, config.model.num_classes, seed=0)
     with jax.set_mesh(exp.mesh):
-        batch = experiment.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
+        batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
         if name == "d0":
             step = exp.train_step
         else:

@@ -13,7 +13,7 @@ import pytest
 from train_helpers import main_command, max_abs_diff, restore_state, subprocess_env, tiny_config
 
 from effdet_jax import data
-from effdet_jax.train import experiment
+from effdet_jax.train import batches, experiment
 from effdet_jax.train.train_step import TRAIN_KEYS
 
 NUM_PROCESSES = 2
@@ -68,7 +68,7 @@ def _reference_run(config, steps: int):
         for _ in range(steps):
             parts = [data.split_counts(next(it))[0] for it in iters]
             host = {k: np.concatenate([p[k] for p in parts]) for k in TRAIN_KEYS}
-            batch = experiment.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
+            batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
             state, _ = exp.train_step(state, batch)
     return jax.device_get(state)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from train_helpers import random_batch, tiny_config
 
-from effdet_jax.train import checkpointing, experiment, input_pipeline, trainer
+from effdet_jax.train import batches, checkpointing, experiment, trainer
 
 BAD_STEP = 3  # 1-based step whose batch holds a NaN image
 
@@ -15,7 +15,7 @@ BAD_STEP = 3  # 1-based step whose batch holds a NaN image
 def nan_input(monkeypatch):
     """Replace the pipeline by random batches; the batch of step BAD_STEP has a NaN pixel."""
 
-    def batches(config, image_size, start_step=0):
+    def nan_batches(config, image_size, start_step=0):
         step = start_step
         while True:
             step += 1
@@ -25,7 +25,7 @@ def nan_input(monkeypatch):
                 batch["images"][1, 5, 7, 0] = np.nan
             yield batch
 
-    monkeypatch.setattr(input_pipeline, "train_batches", batches)
+    monkeypatch.setattr(batches, "train_batches", nan_batches)
 
 
 def _config(policy: str):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from effdet_jax.train import ema, optimizer
+from effdet_jax.train import optimizer, train_step
 
 
 def _train_cfg(**kw):
@@ -75,8 +75,8 @@ def test_sgd_step_is_momentum_optimizer():
 
 
 def test_ema_decay_warmup():
-    assert float(ema.ema_decay(0.9998, 1)) == pytest.approx(2 / 11)
-    assert float(ema.ema_decay(0.9998, 100)) == pytest.approx(101 / 110)
-    assert float(ema.ema_decay(0.9998, 10**6)) == pytest.approx(0.9998)
-    out = ema.update_ema({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, jnp.float32(0.75))
+    assert float(train_step.ema_decay(0.9998, 1)) == pytest.approx(2 / 11)
+    assert float(train_step.ema_decay(0.9998, 100)) == pytest.approx(101 / 110)
+    assert float(train_step.ema_decay(0.9998, 10**6)) == pytest.approx(0.9998)
+    out = train_step.update_ema({"w": jnp.zeros(2)}, {"w": jnp.ones(2)}, jnp.float32(0.75))
     np.testing.assert_allclose(out["w"], [0.25, 0.25])

@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec
 from train_helpers import max_abs_diff, random_batch, tiny_config
 
-from effdet_jax.train import experiment
+from effdet_jax.train import batches, experiment
 from effdet_jax.train import mesh as mesh_lib
 from effdet_jax.train.train_step import TRAIN_KEYS
 
@@ -25,7 +25,7 @@ def _run(devices, data: int, model: int, fsdp: bool, depthwise_impl: str = "auto
     with jax.set_mesh(exp.mesh):
         for step in range(NUM_STEPS):
             host = random_batch(8, exp.image_size, config.model.num_classes, seed=step)
-            batch = experiment.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
+            batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
             state, metrics = exp.train_step(state, batch)
             losses.append(float(metrics["loss"]))
             if step == 0:

@@ -1,19 +1,15 @@
 """Back a process's resident anonymous memory with transparent huge pages (Linux).
 
-Why: on the 2-vCPU benchmark VM the same D0 batch-1 inference ran at 10 or at 15 ms per call
-depending on the process (and sometimes switched mid-run). A CPU profile of a slow process has the
-same functions in the same proportions as a fast one, every one ~45 % slower, with no extra system
-time. Our reading (the host is not visible from inside): the cost is address translation of the
-process's memory, 4 KiB guest pages over whatever backing the host gives them. Collapsing the
-resident heap into 2 MiB pages after the first call brought 3 of 3 slow processes back to 10-11 ms;
-without it 8 of 9 stayed slow (``benchmarks/RESULTS.md``, session 10). With
+The benchmarks call it in every measured process, on both sides, after the first call: the speed
+of a small case can differ between fresh processes of the same code, and the difference follows
+the memory backing (address translation over 4 KiB pages), not the code (``RESULTS.md``). With
 ``transparent_hugepage=madvise`` (the usual default) nothing gets huge pages unless asked, and
 tcmalloc does not ask.
 
 Only mappings that are at least ``min_resident`` resident are collapsed, so reserved but untouched
 address space (allocator arenas, thread stacks) is not filled in. Call it after the first step,
 when the step's buffers exist; allocators reuse them, so the backing stays. Stdlib only (the
-PyTorch side of the benchmarks loads it by path).
+PyTorch side of the benchmarks imports it too).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``effdet_jax.huge_pages``: which mappings are collapsed, and that the advice reaches the kernel."""
+"""``benchmarks/huge_pages.py``: which mappings are collapsed, and that the advice reaches the kernel."""
 
 import mmap
 import pathlib
@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from effdet_jax import huge_pages
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "benchmarks"))
+import huge_pages  # noqa: E402
 
 MIB = 1 << 20
 
