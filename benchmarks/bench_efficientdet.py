@@ -4,8 +4,8 @@ For each row the same batch, image size, fp32 and thread count on both sides; ev
 fresh subprocesses (``jax_side.py`` / ``torch_side.py``): ``--processes`` rounds, each running
 both sides in turn, and reports the median, min and max of all ``--repeats`` x ``--processes``
 timed calls after warm-up (JAX compilation excluded and reported separately), with each process's
-median. Several processes because one process is one sample: on the 2-core VM the same code's
-small cases ran 10 or 15 ms per call depending on the process (RESULTS.md, session 10). Measured:
+median. Several processes because one process is one sample: the same code's small cases can
+run at one of two speeds depending on the process (see RESULTS.md). Measured:
   * ``infer``: the network alone (``model.apply`` / ``EfficientDet.forward``), batch 1 and 8;
   * ``e2e``: network + post-processing (automl's default soft-NMS here; ``DetBenchPredict`` there);
   * ``train``: one training step (targets, loss, backward, BN update, SGD momentum) in images/s,

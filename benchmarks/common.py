@@ -8,8 +8,7 @@ milliseconds and every time.
 peak; the sampling thread is kept out of the timed calls, whose two cores it would share);
 ``max_rss_mb`` is the whole process peak (for JAX it includes compilation). ``pool_processes``
 merges one case's runs in several processes: the speed of a small case can differ between fresh
-processes of the same code (memory backing, see RESULTS.md, session 10), so one process is one
-sample.
+processes of the same code (memory backing, see RESULTS.md), so one process is one sample.
 
 Thread counts are pinned before any numeric library is imported (``pin_threads``), so both sides
 use the same number of cores.

@@ -134,8 +134,7 @@ def _focal_sum_fwd(logits, cls_targets, alpha, gamma, label_smoothing):
     weight = (cls_targets != IGNORE)[..., None].astype(jnp.float32)
     loss, grad = _focal_terms(x, y, weight, alpha, gamma, label_smoothing)
     # Summing over classes first lets XLA:CPU fuse the focal terms into that reduction instead of
-    # writing the element-wise loss out for one big reduction (D0 512 batch 4: 68 -> 63 ms for
-    # the class loss's forward and backward).
+    # writing the element-wise loss out for one big reduction (timings in benchmarks/RESULTS.md).
     return jnp.sum(jnp.sum(loss, axis=-1)), (grad.astype(logits.dtype), cls_targets)
 
 
