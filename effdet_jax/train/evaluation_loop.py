@@ -14,7 +14,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
-from effdet_jax.data.transforms import denormalize_image
+from effdet_jax.data.transforms import Normalization, denormalize_image
 from effdet_jax.train import input_pipeline
 from effdet_jax.train.experiment import Experiment, host_batch_to_global
 
@@ -50,7 +50,8 @@ def evaluate(exp: Experiment, state, writer, step: int) -> dict[str, float]:
         evaluator.add_batch(gt, dets)
         if summary_images is None and config.eval.num_summary_images > 0:
             n = config.eval.num_summary_images
-            summary_images = _draw(host_batch["images"][:n], detections, pipeline.label_map.names)
+            summary_images = _draw(host_batch["images"][:n], detections, pipeline.label_map.names,
+                                   pipeline.normalization)
     pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
     metrics = evaluator.evaluate()
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -60,9 +61,11 @@ def evaluate(exp: Experiment, state, writer, step: int) -> dict[str, float]:
     return metrics
 
 
-def _draw(images: np.ndarray, detections: dict, class_names, threshold: float = 0.3) -> np.ndarray:
-    """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard."""
-    rgb = np.clip(denormalize_image(np.asarray(images)), 0, 255)
+def _draw(images: np.ndarray, detections: dict, class_names, normalization: Normalization,
+          threshold: float = 0.3) -> np.ndarray:
+    """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard;
+    ``normalization`` is the pipeline's, so the images are de-normalised with what made them."""
+    rgb = np.clip(denormalize_image(np.asarray(images), normalization), 0, 255)
     drawn = [
         np.asarray(
             visualize.draw_detections(

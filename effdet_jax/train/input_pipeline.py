@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from effdet_jax import data
+from effdet_jax.train import model_factory
 
 
 def per_process_batch(global_batch: int) -> int:
@@ -31,6 +32,7 @@ def train_batches(
         config.data,
         image_size,
         per_process_batch(config.train.batch_size),
+        normalization=model_factory.input_normalization(config.model),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_step=start_step,
@@ -45,6 +47,7 @@ def eval_pipeline(config: ml_collections.ConfigDict, image_size: int) -> data.Pi
         config.data,
         image_size,
         per_process_batch(config.eval.batch_size),
+        normalization=model_factory.input_normalization(config.model),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

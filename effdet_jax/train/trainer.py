@@ -274,7 +274,8 @@ def predict(
     class_names = make_source(config.data, "eval").label_map.names
     with jax.set_mesh(exp.mesh):
         return visualize.predict_images(
-            paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size
+            paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size,
+            normalization=exp.model.config.normalization,
         )
 
 
