@@ -101,3 +101,17 @@ def test_trainer_pipelines_and_drawing_use_the_models_normalisation(name, monkey
     network_input, _ = visualize.preprocess_for_eval(
         np.broadcast_to(COLOUR, (S, S, 3)).copy(), S, expected)
     np.testing.assert_allclose(network_input, images[0], rtol=1e-5, atol=1e-6)
+
+
+def test_model_overrides_set_the_normalisation_of_pipelines_and_model_alike():
+    """A model trained with other statistics sets them once, in ``config.model.overrides``."""
+    config = _config("lite0")
+    config.model.overrides.mean_rgb = (0.0, 0.0, 0.0)
+    config.model.overrides.stddev_rgb = 255.0  # one value for all channels, as automl's lite
+    want = ((0.0, 0.0, 0.0), (255.0, 255.0, 255.0))
+    assert model_factory.input_normalization(config.model) == want
+    assert model_factory.build_model(config.model).config.normalization == want
+    config = _config("lite0")
+    config.model.overrides.stddev_rgb = (1.0, 2.0)
+    with pytest.raises(ValueError, match="stddev_rgb"):
+        model_factory.input_normalization(config.model)
