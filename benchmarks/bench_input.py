@@ -20,6 +20,7 @@ from PIL import Image
 from effdet_jax.data.config import default_data_config
 from effdet_jax.data.pipeline import make_train_pipeline
 from effdet_jax.data.sources.shapes import generate_shapes_example
+from effdet_jax.models.model_config import get_efficientdet_config
 
 
 def write_coco_folder(root: str, num: int, size: int) -> tuple[str, str]:
@@ -47,7 +48,8 @@ def write_coco_folder(root: str, num: int, size: int) -> tuple[str, str]:
 
 
 def measure(config, image_size: int, batch_size: int, batches: int) -> float:
-    it = iter(make_train_pipeline(config, image_size, batch_size))
+    normalization = get_efficientdet_config("efficientdet-d0").normalization
+    it = iter(make_train_pipeline(config, image_size, batch_size, normalization=normalization))
     for _ in range(3):  # warm-up: tracing, autotune, first prefetches
         next(it)
     start = time.perf_counter()

@@ -10,11 +10,15 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from effdet_jax.data.image_io import UnreadableImageError, read_rgb
+
+if TYPE_CHECKING:  # transforms imports TensorFlow, which drawing alone does not need
+    from effdet_jax.data.transforms import Normalization
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +71,11 @@ def draw_detections(
     return canvas
 
 
-def preprocess_for_eval(image: np.ndarray, image_size: int) -> tuple[np.ndarray, float]:
-    """The eval transform of the input pipeline on one uint8 image.
+def preprocess_for_eval(
+    image: np.ndarray, image_size: int, normalization: Normalization
+) -> tuple[np.ndarray, float]:
+    """The eval transform of the input pipeline on one uint8 image, normalised with the model's
+    ``(mean_rgb, stddev_rgb)``.
 
     Returns:
       (network input [S,S,3] float32, image_scale: original pixels per network pixel).
@@ -77,8 +84,8 @@ def preprocess_for_eval(image: np.ndarray, image_size: int) -> tuple[np.ndarray,
 
     from effdet_jax.data.transforms import normalize_image, resize_crop_pad
 
-    out, _, scale = resize_crop_pad(normalize_image(tf.constant(image)), tf.zeros([0, 4]),
-                                    image_size)
+    out, _, scale = resize_crop_pad(normalize_image(tf.constant(image), normalization),
+                                    tf.zeros([0, 4]), image_size)
     return out.numpy(), float(scale.numpy())
 
 
@@ -90,6 +97,8 @@ def predict_images(
     output_dir: str,
     score_threshold: float = DEFAULT_SCORE_THRESHOLD,
     batch_size: int = 1,
+    *,
+    normalization: Normalization,
 ) -> list[dict]:
     """Detect, draw and save: ``<output_dir>/<name>.png`` per image and ``detections.json``.
 
@@ -102,6 +111,7 @@ def predict_images(
       class_names: name per label index.
       output_dir: created if missing.
       score_threshold: drawing threshold (the json keeps every valid detection).
+      normalization: the model's ``(mean_rgb, stddev_rgb)`` (``EfficientDetConfig.normalization``).
 
     Returns:
       The json records: ``{"file", "image_size" [h,w], "detections": [{"box_yxyx", "score",
@@ -120,7 +130,7 @@ def predict_images(
         loaded.append((path, image))
     for start in range(0, len(loaded), batch_size):
         chunk = loaded[start : start + batch_size]
-        inputs = [preprocess_for_eval(img, image_size) for _, img in chunk]
+        inputs = [preprocess_for_eval(img, image_size, normalization) for _, img in chunk]
         batch = np.zeros((batch_size, image_size, image_size, 3), np.float32)
         batch[: len(chunk)] = np.stack([x for x, _ in inputs])
         boxes, scores, classes, valid = (np.asarray(v) for v in detect_fn(batch))

@@ -3,7 +3,8 @@
 Each batch is a dict of numpy arrays (per process; ``B`` = per-process batch size, ``S`` = image
 size, ``M`` = ``config.max_instances_per_image``):
 
-* ``images``: [B,S,S,3] float32, ImageNet-normalised RGB, zero-padded bottom-right.
+* ``images``: [B,S,S,3] float32 RGB normalised with the model's ``normalization``
+  (``(u8 - mean_rgb) / stddev_rgb``), zero-padded bottom-right.
 * ``boxes``: [B,M,4] float32 yxyx in pixels of the network input (padding rows are -1).
 * ``classes``: [B,M] int32 0-based label index; -1 padding, -2 crowd (ignored by evaluation).
 * ``image_id``: [B] int64 (-1 for eval padding examples and unreadable eval images).
@@ -43,6 +44,7 @@ from effdet_jax.data.sanitize import sanitize_boxes
 from effdet_jax.data.sources import make_source
 from effdet_jax.data.sources.base import Source
 from effdet_jax.data.transforms import (
+    Normalization,
     nonzero_area,
     normalize_image,
     pad_to_max,
@@ -72,6 +74,8 @@ class Pipeline:
       num_examples: examples in this process' shard (without eval padding).
       num_batches: batches per pass (eval, same on every process); None for training (infinite).
       gt_annotations: COCO json of the ground truth, or None (build it from the batches).
+      normalization: ``(mean_rgb, stddev_rgb)`` the images were normalised with (drawing them
+        de-normalises with it).
     """
 
     dataset: tf.data.Dataset
@@ -79,6 +83,7 @@ class Pipeline:
     num_examples: int
     num_batches: int | None
     gt_annotations: str | None
+    normalization: Normalization
 
     def __iter__(self) -> Iterator[dict]:
         """Numpy batches (see module docstring)."""
@@ -129,9 +134,15 @@ def _finish(image, boxes, classes, crowd, image_id, image_scale, counts, max_ins
 
 
 def train_example(
-    config: ml_collections.ConfigDict, source: Source, image_size: int, ex: dict, seed: tf.Tensor
+    config: ml_collections.ConfigDict,
+    source: Source,
+    image_size: int,
+    ex: dict,
+    seed: tf.Tensor,
+    normalization: Normalization,
 ) -> dict:
-    """Decoded example -> augmented training example (one element of a batch)."""
+    """Decoded example -> augmented training example (one element of a batch), normalised with
+    the model's ``(mean_rgb, stddev_rgb)``."""
     num_classes = source.label_map.num_classes
     boxes, classes, crowd, counts = _clean(ex, num_classes)
     if config.skip_crowd_during_training:
@@ -147,7 +158,7 @@ def train_example(
             randaugment_layers=config.randaugment_layers,
             randaugment_magnitude=config.randaugment_magnitude,
         )
-    image = normalize_image(image)
+    image = normalize_image(image, normalization)
     if config.hflip:
         image, boxes = random_horizontal_flip(image, boxes, seeds[1])
     factor = tf.random.stateless_uniform([], seeds[2], config.jitter_min, config.jitter_max)
@@ -161,10 +172,12 @@ def train_example(
 
 
 def eval_example(config: ml_collections.ConfigDict, source: Source, image_size: int,
-                 ex: dict) -> dict:
-    """Decoded example -> eval example: resize keeping the aspect, pad; crowd kept as -2."""
+                 ex: dict, normalization: Normalization) -> dict:
+    """Decoded example -> eval example: normalise with the model's ``(mean_rgb, stddev_rgb)``,
+    resize keeping the aspect, pad; crowd kept as -2."""
     boxes, classes, crowd, counts = _clean(ex, source.label_map.num_classes)
-    image, boxes, image_scale = resize_crop_pad(normalize_image(ex["image"]), boxes, image_size)
+    image = normalize_image(ex["image"], normalization)
+    image, boxes, image_scale = resize_crop_pad(image, boxes, image_size)
     keep = nonzero_area(boxes)  # can only drop boxes that shrank below float precision
     counts = C.with_counts(counts, boxes_degenerate_dropped=tf.reduce_sum(tf.cast(~keep, tf.int32)))
     boxes, classes, crowd = (tf.boolean_mask(t, keep) for t in (boxes, classes, crowd))
@@ -208,6 +221,7 @@ def make_train_pipeline(
     image_size: int,
     batch_size: int,
     *,
+    normalization: Normalization,
     process_index: int = 0,
     process_count: int = 1,
     start_step: int = 0,
@@ -218,6 +232,7 @@ def make_train_pipeline(
       config: ``config.data`` (see ``default_data_config``).
       image_size: network input size S (square).
       batch_size: per-process batch size B.
+      normalization: the model's ``(mean_rgb, stddev_rgb)`` (``EfficientDetConfig.normalization``).
       process_index, process_count: ``jax.process_index()``, ``jax.process_count()``.
       start_step: first training step to produce (resume); see the module docstring.
     """
@@ -240,12 +255,14 @@ def make_train_pipeline(
 
     def process(epoch, index, record):
         seed = _seed_for(base_seed, epoch, index)
-        return train_example(config, source, image_size, source.decode(record), seed)
+        return train_example(config, source, image_size, source.decode(record), seed,
+                             normalization)
 
     ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch_records)
     ds = ds.map(process, num_parallel_calls=_parallel(config), deterministic=True)
     ds = ds.batch(batch_size, drop_remainder=True).map(_sum_counts)
-    return Pipeline(_prefetch(ds, config), source.label_map, n, None, source.gt_annotations)
+    return Pipeline(_prefetch(ds, config), source.label_map, n, None, source.gt_annotations,
+                    normalization)
 
 
 def make_eval_pipeline(
@@ -253,13 +270,15 @@ def make_eval_pipeline(
     image_size: int,
     batch_size: int,
     *,
+    normalization: Normalization,
     process_index: int = 0,
     process_count: int = 1,
 ) -> Pipeline:
     """One pass over the eval split of this process' shard, in order, padded to whole batches.
 
     Every process yields the same number of batches (``num_batches``); padding examples have
-    ``image_id == -1`` and only padding boxes.
+    ``image_id == -1`` and only padding boxes. ``normalization``: the model's
+    ``(mean_rgb, stddev_rgb)`` (``EfficientDetConfig.normalization``).
     """
     validate_data_config(config)
     hide_gpus_from_tf()
@@ -272,7 +291,7 @@ def make_eval_pipeline(
     pad = num_batches * batch_size - n
 
     ds = source.records.map(
-        lambda r: eval_example(config, source, image_size, source.decode(r)),
+        lambda r: eval_example(config, source, image_size, source.decode(r), normalization),
         num_parallel_calls=_parallel(config), deterministic=True,
     )
     if config.cache_eval:
@@ -281,4 +300,4 @@ def make_eval_pipeline(
         lambda _: _padding_example(image_size, config.max_instances_per_image))
     ds = ds.concatenate(padding).batch(batch_size, drop_remainder=True).map(_sum_counts)
     return Pipeline(_prefetch(ds, config), source.label_map, n, num_batches,
-                    source.gt_annotations)
+                    source.gt_annotations, normalization)

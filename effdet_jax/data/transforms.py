@@ -7,27 +7,33 @@ S x S input is ``[0, 0, S, S]``). Padding is bottom-right, with zeros in normali
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import tensorflow as tf
 
 from effdet_jax.detection.targets import PADDING
 
-MEAN_RGB = (0.485, 0.456, 0.406)
-STDDEV_RGB = (0.229, 0.224, 0.225)
+# ``(mean_rgb, stddev_rgb)``, 3 values each in uint8 pixel units: the model's input normalisation
+# (``EfficientDetConfig.normalization``; the model table holds it per model, as automl does).
+Normalization = tuple[Sequence[float], Sequence[float]]
 
 
-def normalize_image(image: tf.Tensor) -> tf.Tensor:
-    """uint8 [H,W,3] RGB -> float32 ``(u8 - 255*mean) / (255*std)`` (ImageNet statistics)."""
+def normalize_image(image: tf.Tensor, normalization: Normalization) -> tf.Tensor:
+    """uint8 [H,W,3] RGB -> float32 ``(u8 - mean_rgb) / stddev_rgb`` per channel."""
+    mean_rgb, stddev_rgb = normalization
     image = tf.cast(image, tf.float32)
-    return (image - tf.constant(MEAN_RGB) * 255.0) / (tf.constant(STDDEV_RGB) * 255.0)
+    return (image - tf.constant(mean_rgb, tf.float32)) / tf.constant(stddev_rgb, tf.float32)
 
 
-def denormalize_image(image: tf.Tensor | np.ndarray) -> tf.Tensor | np.ndarray:
-    """Inverse of ``normalize_image`` (float, not rounded or clipped), for a tf tensor (inside
-    tf.data) or a numpy / jax array (images of a batch on the host)."""
-    return image * (np.float32(255.0) * np.asarray(STDDEV_RGB, np.float32)) + (
-        np.float32(255.0) * np.asarray(MEAN_RGB, np.float32)
-    )
+def denormalize_image(
+    image: tf.Tensor | np.ndarray, normalization: Normalization
+) -> tf.Tensor | np.ndarray:
+    """Inverse of ``normalize_image`` with the same ``normalization`` (float, not rounded or
+    clipped), for a tf tensor (inside tf.data) or a numpy / jax array (images of a batch on the
+    host)."""
+    mean_rgb, stddev_rgb = normalization
+    return image * np.asarray(stddev_rgb, np.float32) + np.asarray(mean_rgb, np.float32)
 
 
 def random_horizontal_flip(

@@ -21,6 +21,15 @@ from effdet_jax.models.layers import ACTIVATIONS, DEPTHWISE_IMPLS
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+# Input normalisation ``(u8 - mean_rgb) / stddev_rgb`` per RGB channel, in uint8 pixel units as in
+# automl's ``mean_rgb`` / ``stddev_rgb``: ImageNet statistics for D0-D7x, 127 / 128 for lite models.
+IMAGENET_MEAN_RGB = (123.675, 116.28, 103.53)  # 255 * (0.485, 0.456, 0.406)
+IMAGENET_STDDEV_RGB = (58.395, 57.12, 57.375)  # 255 * (0.229, 0.224, 0.225)
+LITE_MEAN_RGB = (127.0, 127.0, 127.0)
+LITE_STDDEV_RGB = (128.0, 128.0, 128.0)
+IMAGENET_NORMALIZATION = (IMAGENET_MEAN_RGB, IMAGENET_STDDEV_RGB)
+LITE_NORMALIZATION = (LITE_MEAN_RGB, LITE_STDDEV_RGB)
+
 # name: backbone, image size, fpn filters, fpn cell repeats, head repeats, extra fields
 _TABLE: dict[str, tuple[str, int, int, int, int, dict[str, Any]]] = {
     "efficientdet-d0": ("efficientnet-b0", 512, 64, 3, 3, {}),
@@ -38,7 +47,12 @@ _TABLE: dict[str, tuple[str, int, int, int, int, dict[str, Any]]] = {
         "efficientnet-b7", 1536, 384, 8, 5, {"fpn_weight_method": "sum", "max_level": 8}
     ),
 }
-_LITE = {"activation": "relu6", "fpn_weight_method": "sum"}
+_LITE = {
+    "activation": "relu6",
+    "fpn_weight_method": "sum",
+    "mean_rgb": LITE_MEAN_RGB,
+    "stddev_rgb": LITE_STDDEV_RGB,
+}
 _TABLE |= {
     "efficientdet-lite0": ("efficientnet-lite0", 320, 64, 3, 3, {**_LITE, "anchor_scale": 3.0}),
     "efficientdet-lite1": ("efficientnet-lite1", 384, 88, 4, 3, {**_LITE, "anchor_scale": 3.0}),
@@ -68,6 +82,9 @@ class EfficientDetConfig:
       activation: a key of ``layers.ACTIVATIONS`` (``swish``; ``relu6`` for lite), used in
         backbone, BiFPN and heads.
       separable_conv: BiFPN node conv separable (automl default) or a plain 3x3.
+      mean_rgb / stddev_rgb: the input normalisation ``(u8 - mean_rgb) / stddev_rgb`` per RGB
+        channel, in uint8 pixel units (automl's fields): the train and eval pipelines, prediction
+        and the de-normalisation for drawing all read it from here (``normalization``).
       backbone_overrides: extra ``EfficientNetConfig`` fields for the backbone as (name, value) pairs,
         e.g. ``(("depth_coefficient", 0.25),)`` for a tiny test backbone.
       backbone_drop_connect_rate: automl sets 0 when ``b0`` is in the backbone name and keeps 0.2
@@ -96,6 +113,8 @@ class EfficientDetConfig:
     fpn_weight_method: str = "fastattn"
     activation: str = "swish"
     separable_conv: bool = True
+    mean_rgb: tuple[float, float, float] = IMAGENET_MEAN_RGB
+    stddev_rgb: tuple[float, float, float] = IMAGENET_STDDEV_RGB
     backbone_overrides: tuple[tuple[str, Any], ...] = ()
     backbone_drop_connect_rate: float = 0.0
     drop_connect_variant: str = "sample"
@@ -116,6 +135,14 @@ class EfficientDetConfig:
             "aspect_ratios",
             tuple(tuple(a) if isinstance(a, (list, tuple)) else float(a) for a in self.aspect_ratios),
         )
+        for key in ("mean_rgb", "stddev_rgb"):
+            value = getattr(self, key)
+            value = (value,) * 3 if isinstance(value, (int, float)) else value
+            if len(value) != 3:
+                raise ValueError(f"{key}={value!r} must have one value per RGB channel (3)")
+            object.__setattr__(self, key, tuple(float(v) for v in value))
+        if min(self.stddev_rgb) <= 0:
+            raise ValueError(f"stddev_rgb={self.stddev_rgb!r} must be positive")
         checks = [
             ("fpn_weight_method", self.fpn_weight_method, FUSION_METHODS),
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
@@ -145,6 +172,11 @@ class EfficientDetConfig:
             activation=self.activation,
             **dict(self.backbone_overrides),
         )
+
+    @property
+    def normalization(self) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+        """``(mean_rgb, stddev_rgb)``: what the input pipelines normalise images with."""
+        return self.mean_rgb, self.stddev_rgb
 
     @property
     def num_levels(self) -> int:

@@ -18,6 +18,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from effdet_jax import data
+from effdet_jax.train.experiment import input_normalization
 
 
 def per_process_batch(global_batch: int) -> int:
@@ -36,6 +37,7 @@ def train_batches(
         config.data,
         image_size,
         per_process_batch(config.train.batch_size),
+        normalization=input_normalization(config.model),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         start_step=start_step,
@@ -50,6 +52,7 @@ def eval_pipeline(config: ml_collections.ConfigDict, image_size: int) -> data.Pi
         config.data,
         image_size,
         per_process_batch(config.eval.batch_size),
+        normalization=input_normalization(config.model),
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )

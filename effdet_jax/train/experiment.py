@@ -68,6 +68,17 @@ def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     return overrides
 
 
+
+def input_normalization(
+    model_cfg: ml_collections.ConfigDict,
+) -> tuple[tuple[float, float, float], tuple[float, float, float]]:
+    """``(mean_rgb, stddev_rgb)`` of ``config.model``: the model table's normalisation for its
+    name (ImageNet for D0-D7x, 127 / 128 for lite), or ``config.model.overrides`` where set."""
+    from effdet_jax.models.model_config import get_efficientdet_config
+
+    overrides = model_overrides(model_cfg)
+    return get_efficientdet_config(model_cfg.name, **overrides).normalization
+
 def build_model(model_cfg: ml_collections.ConfigDict) -> Any:
     """The flax module for ``config.model`` (``model.config`` is its frozen model config)."""
     return efficientdet(

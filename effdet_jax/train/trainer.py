@@ -31,7 +31,7 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
 from effdet_jax.data.sources import check_available, make_source
-from effdet_jax.data.transforms import denormalize_image
+from effdet_jax.data.transforms import Normalization, denormalize_image
 from effdet_jax.train import batches, checkpointing, optimizer
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import validate_config
@@ -291,7 +291,7 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
         if summary_images is None and config.eval.num_summary_images > 0:
             n = config.eval.num_summary_images
             summary_images = _draw(host_batch["images"][:n], detections,
-                                   pipeline.label_map.class_names())
+                                   pipeline.label_map.class_names(), pipeline.normalization)
     pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
     metrics = evaluator.evaluate()
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
@@ -301,9 +301,11 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     return metrics
 
 
-def _draw(images: np.ndarray, detections: dict, class_names, threshold: float = 0.3) -> np.ndarray:
-    """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard."""
-    rgb = np.clip(denormalize_image(np.asarray(images)), 0, 255)
+def _draw(images: np.ndarray, detections: dict, class_names, normalization: Normalization,
+          threshold: float = 0.3) -> np.ndarray:
+    """[N, S, S, 3] uint8 network-input images with their detections drawn, for TensorBoard;
+    ``normalization`` is the pipeline's, so the images are de-normalised with what made them."""
+    rgb = np.clip(denormalize_image(np.asarray(images), normalization), 0, 255)
     drawn = [
         np.asarray(
             visualize.draw_detections(
@@ -359,7 +361,8 @@ def predict(
     class_names = make_source(config.data, "eval").label_map.class_names()
     with jax.set_mesh(exp.mesh):
         return visualize.predict_images(
-            paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size
+            paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size,
+            normalization=exp.model.config.normalization,
         )
 
 

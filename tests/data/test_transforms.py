@@ -10,6 +10,7 @@ from effdet_jax.data.pipeline import eval_example, train_example
 from effdet_jax.data.sources.base import Source
 from effdet_jax.data.sources.shapes import shapes_label_map
 from effdet_jax.data.transforms import denormalize_image, normalize_image
+from effdet_jax.models.model_config import IMAGENET_NORMALIZATION as IMAGENET
 
 H, W, S = 90, 150, 64
 RECT = (20, 30, 50, 100)  # y0, x0, y1, x1 in pixels of the original image
@@ -32,14 +33,14 @@ def _source():
 
 
 def _white_extent(image: np.ndarray) -> np.ndarray:
-    u8 = denormalize_image(tf.constant(image)).numpy()
+    u8 = denormalize_image(tf.constant(image), IMAGENET).numpy()
     mask = u8.mean(-1) > 127.5  # bilinear edges cross half-intensity at the true edge
     ys, xs = np.nonzero(mask)
     return np.array([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], np.float32)
 
 
 def test_normalisation_is_imagenet_mean_std():
-    x = normalize_image(tf.constant([[[0, 128, 255]]], tf.uint8)).numpy()[0, 0]
+    x = normalize_image(tf.constant([[[0, 128, 255]]], tf.uint8), IMAGENET).numpy()[0, 0]
     expected = (np.array([0, 128, 255]) - 255 * np.array([0.485, 0.456, 0.406])) / (
         255 * np.array([0.229, 0.224, 0.225]))
     np.testing.assert_allclose(x, expected, rtol=1e-6)
@@ -49,13 +50,13 @@ def test_normalisation_is_imagenet_mean_std():
 def test_train_boxes_follow_pixels(seed):
     config = default_data_config()
     config.jitter_min, config.jitter_max = 0.6, 2.0
-    out = train_example(config, _source(), S, _example(), tf.constant([seed, 3]))
+    out = train_example(config, _source(), S, _example(), tf.constant([seed, 3]), IMAGENET)
     classes = out["classes"].numpy()
     image = out["images"].numpy()
     assert image.shape == (S, S, 3)
     if classes[0] == -1:  # cropped out: no white pixel may remain
         assert int(out["counts"]["boxes_cropped_out"]) == 1
-        assert denormalize_image(tf.constant(image)).numpy().max() < 128
+        assert denormalize_image(tf.constant(image), IMAGENET).numpy().max() < 128
         return
     box = out["boxes"].numpy()[0]
     np.testing.assert_allclose(_white_extent(image), box, atol=1.01)
@@ -73,14 +74,14 @@ def test_flip_happens_for_some_seeds():
     config.jitter_min = config.jitter_max = 1.0
     x_starts = set()
     for seed in range(8):
-        out = train_example(config, _source(), S, _example(), tf.constant([seed, 0]))
+        out = train_example(config, _source(), S, _example(), tf.constant([seed, 0]), IMAGENET)
         x_starts.add(round(float(out["boxes"].numpy()[0, 1]), 2))
     w = S * W / max(H, W) / W  # scale factor
     assert x_starts == {round(RECT[1] * w, 2), round((W - RECT[3]) * w, 2)}
 
 
 def test_eval_resize_keeps_aspect_and_scale_maps_back():
-    out = eval_example(default_data_config(), _source(), S, _example())
+    out = eval_example(default_data_config(), _source(), S, _example(), IMAGENET)
     scale = float(out["image_scale"])
     assert scale == pytest.approx(W / S)
     box = out["boxes"].numpy()[0]

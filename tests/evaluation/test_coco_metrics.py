@@ -7,13 +7,14 @@ from effdet_jax.data.config import default_data_config
 from effdet_jax.data.label_map import LabelMap, coco_label_map
 from effdet_jax.data.pipeline import make_eval_pipeline
 from effdet_jax.evaluation import CocoEvaluator
+from effdet_jax.models.model_config import IMAGENET_NORMALIZATION as IMAGENET
 
 
 def test_perfect_detections_on_shapes_give_ap_1():
     c = default_data_config()
     c.shapes.num_eval = 6
     c.shapes.image_size = 96
-    pipe = make_eval_pipeline(c, 96, 4)
+    pipe = make_eval_pipeline(c, 96, 4, normalization=IMAGENET)
     ev = CocoEvaluator(pipe.label_map, pipe.gt_annotations, per_class=True)
     for batch in pipe:
         classes = batch["classes"]

@@ -3,6 +3,7 @@ import json
 import numpy as np
 from PIL import Image
 
+from effdet_jax.models.model_config import LITE_NORMALIZATION
 from effdet_jax.visualize import draw_detections, predict_images
 
 
@@ -24,13 +25,16 @@ def test_predict_images_maps_back_and_writes_json(tmp_path):
 
     def detect_fn(images):
         seen.append(images.shape)
+        # The black images arrive normalised as given: (0 - 127) / 128 for a lite model.
+        np.testing.assert_allclose(images[0, :30, :, :], -127.0 / 128.0)
         b = images.shape[0]
         boxes = np.tile(np.array([[[8.0, 16.0, 24.0, 48.0]]], np.float32), (b, 2, 1))
         return boxes, np.tile([[0.9, 0.1]], (b, 1)), np.zeros((b, 2), np.int32), np.full(b, 2)
 
     paths = [str(tmp_path / n) for n in ("a.jpg", "bad.jpg", "b.png")]
     out = tmp_path / "out"
-    records = predict_images(paths, detect_fn, 64, ["thing"], str(out), batch_size=2)
+    records = predict_images(paths, detect_fn, 64, ["thing"], str(out), batch_size=2,
+                             normalization=LITE_NORMALIZATION)
     assert seen == [(2, 64, 64, 3)]
     saved = json.loads((out / "detections.json").read_text())
     assert saved == records

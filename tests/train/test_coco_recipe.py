@@ -26,7 +26,7 @@ from effdet_jax.evaluation import coco_metrics
 from effdet_jax.train.config_validation import ConfigError, validate_config
 
 COCO_CONFIGS = ("d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x",
-                "lite0", "lite1", "lite2", "lite3", "lite4")
+                "lite0", "lite1", "lite2", "lite3", "lite3x", "lite4")
 
 
 def _config(name: str) -> ml_collections.ConfigDict:

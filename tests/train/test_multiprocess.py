@@ -60,7 +60,8 @@ def _reference_run(config, steps: int):
     local = config.train.batch_size // NUM_PROCESSES
     iters = [
         iter(data.make_train_pipeline(config.data, exp.image_size, local, process_index=i,
-                                      process_count=NUM_PROCESSES))
+                                      process_count=NUM_PROCESSES,
+                                      normalization=exp.model.config.normalization))
         for i in range(NUM_PROCESSES)
     ]
     state = exp.init_state()

@@ -8,6 +8,7 @@ import pytest
 from PIL import Image
 
 from effdet_jax.data.pipeline import make_eval_pipeline, make_train_pipeline
+from effdet_jax.models.model_config import IMAGENET_NORMALIZATION as IMAGENET
 
 from ..helpers import take, tiny_shapes_config
 
@@ -65,7 +66,7 @@ def _config(ann, img):
 def test_eval_handles_every_bad_case_with_counts_and_messages(tmp_path, caplog):
     c = _config(*_write_folder(tmp_path))
     with caplog.at_level(logging.WARNING):
-        p = make_eval_pipeline(c, S, 8)
+        p = make_eval_pipeline(c, S, 8, normalization=IMAGENET)
         (batch,) = list(p)
     assert p.label_map.category_ids == (3, 9) and p.label_map.names == ("three", "nine")
     counts = batch["counts"]
@@ -103,12 +104,12 @@ def test_eval_handles_every_bad_case_with_counts_and_messages(tmp_path, caplog):
 def test_training_replaces_unreadable_and_drops_crowd(tmp_path):
     c = _config(*_write_folder(tmp_path))
     c.jitter_min = c.jitter_max = 1.0
-    batches = take(make_train_pipeline(c, S, 8), 1)
+    batches = take(make_train_pipeline(c, S, 8, normalization=IMAGENET), 1)
     counts = batches[0]["counts"]
     assert counts["images_unreadable"] == 2 and counts["boxes_crowd_dropped"] == 1
     assert (batches[0]["classes"] != -2).all()
     c.skip_crowd_during_training = False
-    batch = take(make_train_pipeline(c, S, 8), 1)[0]
+    batch = take(make_train_pipeline(c, S, 8, normalization=IMAGENET), 1)[0]
     assert (batch["classes"] == -2).sum() == 1 and batch["counts"]["boxes_crowd_dropped"] == 0
 
 
@@ -117,7 +118,7 @@ def test_bad_json_fails_with_the_file_name(tmp_path):
     bad.write_text("{not json")
     c = _config(str(bad), str(tmp_path))
     with pytest.raises(ValueError, match=r"cannot read COCO annotations .*instances.json"):
-        make_eval_pipeline(c, S, 2)
+        make_eval_pipeline(c, S, 2, normalization=IMAGENET)
     bad.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="has no 'images' list"):
-        make_eval_pipeline(c, S, 2)
+        make_eval_pipeline(c, S, 2, normalization=IMAGENET)

@@ -6,6 +6,7 @@ import tensorflow_datasets as tfds
 
 from effdet_jax.data.pipeline import make_eval_pipeline, make_train_pipeline
 from effdet_jax.data.sources.tfds import DatasetNotPreparedError
+from effdet_jax.models.model_config import IMAGENET_NORMALIZATION as IMAGENET
 
 from ..helpers import take, tiny_shapes_config
 
@@ -22,9 +23,9 @@ def _config(name, tmp_path, **kw):
 def test_coco_mock_train_and_eval(tmp_path, label_space):
     c = _config("coco/2017", tmp_path, label_space=label_space)
     with tfds.testing.mock_data(num_examples=6):
-        train = make_train_pipeline(c, S, 2)
+        train = make_train_pipeline(c, S, 2, normalization=IMAGENET)
         batch = take(train, 2)[1]
-        evals = make_eval_pipeline(c, S, 4)
+        evals = make_eval_pipeline(c, S, 4, normalization=IMAGENET)
         eval_batches = list(evals)
     assert train.label_map.num_classes == (80 if label_space == "contiguous" else 90)
     assert train.label_map.names[0] == "person"
@@ -44,7 +45,7 @@ def test_voc_mock(tmp_path):
     # source asks tfds for ``tfds.even_splits(split, n)[i]``.)
     c = _config("voc/2007", tmp_path)
     with tfds.testing.mock_data(num_examples=5):
-        p = make_eval_pipeline(c, S, 2)
+        p = make_eval_pipeline(c, S, 2, normalization=IMAGENET)
         batches = list(p)
     assert p.label_map.num_classes == 20 and p.label_map.category_ids[0] == 1
     assert p.label_map.names[0] == "aeroplane"
@@ -56,5 +57,5 @@ def test_voc_mock(tmp_path):
 def test_missing_dataset_says_how_to_prepare_it(tmp_path):
     c = _config("coco/2017", tmp_path)
     with pytest.raises(DatasetNotPreparedError) as e:
-        make_train_pipeline(c, S, 2)
+        make_train_pipeline(c, S, 2, normalization=IMAGENET)
     assert f"tfds build coco/2017 --data_dir={tmp_path}" in str(e.value)
