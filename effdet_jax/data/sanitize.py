@@ -1,14 +1,29 @@
-"""In-graph clean-up of ground-truth boxes, shared by every source (tf ops, traced in tf.data)."""
+"""In-graph clean-up of ground-truth boxes, shared by every source (tf ops, traced in tf.data).
+
+The rule itself is ``box_rules.apply_box_rule``; evaluation applies the same function (numpy) to
+the ground-truth json, so a box is fixed or dropped the same way on both sides.
+"""
 
 from __future__ import annotations
 
 import tensorflow as tf
 
+from effdet_jax.data.box_rules import RULE_KEYS, Ops, apply_box_rule
+
+TF_OPS = Ops(
+    isfinite=tf.math.is_finite,
+    minimum=tf.minimum,
+    maximum=tf.maximum,
+    clip=tf.clip_by_value,
+    where=tf.where,
+    zeros_like=tf.zeros_like,
+)
+
 
 def sanitize_boxes(
     boxes: tf.Tensor, classes: tf.Tensor, is_crowd: tf.Tensor, num_classes: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor, dict[str, tf.Tensor]]:
-    """Fix or drop bad boxes, counting each case.
+    """Fix or drop bad boxes, counting each case (``box_rules.apply_box_rule``).
 
     Args:
       boxes: [N,4] float32 yxyx, normalised to the image (0..1 inside it).
@@ -18,38 +33,19 @@ def sanitize_boxes(
 
     Returns:
       (boxes [K,4], classes [K], is_crowd [K], counts) where K <= N. Rules: a NaN/inf coordinate
-      drops the box; min > max on an axis swaps the pair; coordinates outside [0,1] are clipped;
-      zero width/height after that drops the box; an unknown class drops the box.
+      drops the box; an unknown class drops the box; min > max on an axis swaps the pair;
+      coordinates outside [0,1] are clipped; zero width/height after that drops the box.
     """
     boxes = tf.reshape(tf.cast(boxes, tf.float32), [-1, 4])
     classes = tf.cast(classes, tf.int32)
-    finite = tf.reduce_all(tf.math.is_finite(boxes), axis=1)
     known = (classes >= 0) & (classes < num_classes)
-    n_nan = tf.reduce_sum(tf.cast(~finite, tf.int32))
-    n_unknown = tf.reduce_sum(tf.cast(finite & ~known, tf.int32))
-    keep = finite & known
-    boxes = tf.boolean_mask(boxes, keep)
-    classes = tf.boolean_mask(classes, keep)
-    is_crowd = tf.boolean_mask(tf.cast(is_crowd, tf.bool), keep)
-
     y0, x0, y1, x1 = tf.unstack(boxes, 4, axis=1)
-    inverted = (y0 > y1) | (x0 > x1)
-    boxes = tf.stack(
-        [tf.minimum(y0, y1), tf.minimum(x0, x1), tf.maximum(y0, y1), tf.maximum(x0, x1)], axis=1
-    )
-    outside = tf.reduce_any((boxes < 0.0) | (boxes > 1.0), axis=1)
-    boxes = tf.clip_by_value(boxes, 0.0, 1.0)
-    nonzero = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
-    counts = {
-        "boxes_nan_dropped": n_nan,
-        "boxes_unknown_class_dropped": n_unknown,
-        "boxes_inverted_fixed": tf.reduce_sum(tf.cast(inverted & nonzero, tf.int32)),
-        "boxes_clipped": tf.reduce_sum(tf.cast(outside & nonzero, tf.int32)),
-        "boxes_degenerate_dropped": tf.reduce_sum(tf.cast(~nonzero, tf.int32)),
-    }
+    fixed, masks = apply_box_rule(TF_OPS, y0, x0, y1, x1, known, 1.0, 1.0)
+    keep = masks["keep"]
+    counts = {k: tf.reduce_sum(tf.cast(masks[k], tf.int32)) for k in RULE_KEYS}
     return (
-        tf.boolean_mask(boxes, nonzero),
-        tf.boolean_mask(classes, nonzero),
-        tf.boolean_mask(is_crowd, nonzero),
+        tf.boolean_mask(tf.stack(fixed, axis=1), keep),
+        tf.boolean_mask(classes, keep),
+        tf.boolean_mask(tf.cast(is_crowd, tf.bool), keep),
         counts,
     )

@@ -1,9 +1,13 @@
 """COCO detection metrics through pycocotools, for any dataset of this package.
 
 One code path for every source: the ground truth is the dataset's COCO json when it has one, else
-it is built from the eval batches (``add_groundtruth``). Detections are collected per batch in
-original-image pixels, written as a COCO results json (``[x, y, w, h]``, dataset category ids), and
-scored with ``COCOeval`` on the images that were fed (``image_id == -1`` is skipped).
+it is built from the eval batches (``add_groundtruth``). A json's annotations go through
+``box_rules.sanitize_coco_dataset`` first, the rule the training pipeline applies to the same
+boxes: malformed boxes are left out and counted (``gt_report``), inverted or out-of-image boxes
+are fixed, crowd boxes stay as crowd, and a clean json passes through unchanged. Detections are
+collected per batch in original-image pixels, written as a COCO results json (``[x, y, w, h]``,
+dataset category ids), and scored with ``COCOeval`` on the images that were fed
+(``image_id == -1`` is skipped).
 
 Multi-host: COCO AP does not decompose over shards; gather every process' detections (and built
 ground truth) to one process before ``evaluate``.
@@ -21,6 +25,7 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
+from effdet_jax.data.box_rules import GroundTruthReport, sanitize_coco_dataset
 from effdet_jax.data.label_map import LabelMap
 from effdet_jax.detection.targets import CROWD
 
@@ -53,6 +58,9 @@ class CocoEvaluator:
         self.label_map = label_map
         self.gt_annotations = gt_annotations
         self.per_class = per_class
+        # What the box rule did to the json's annotations; set by ``evaluate`` (None before, and
+        # without a json).
+        self.gt_report: GroundTruthReport | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -166,7 +174,13 @@ class CocoEvaluator:
     def _ground_truth(self) -> COCO:
         with contextlib.redirect_stdout(io.StringIO()):
             if self.gt_annotations is not None:
-                return COCO(self.gt_annotations)
+                with open(self.gt_annotations) as f:
+                    dataset, self.gt_report = sanitize_coco_dataset(
+                        json.load(f), set(self.label_map.category_lookup()))
+                gt = COCO()
+                gt.dataset = dataset
+                gt.createIndex()
+                return gt
             gt = COCO()
             gt.dataset = {
                 "images": [self._gt_images.get(i, {"id": i}) for i in sorted(self._image_ids)],
@@ -181,6 +195,10 @@ class CocoEvaluator:
         if not self._image_ids:
             raise ValueError("no images were fed to the evaluator")
         gt = self._ground_truth()
+        if self.gt_report is not None:
+            log.log(logging.WARNING if self.gt_report.num_dropped or any(
+                self.gt_report.counts.values()) else logging.INFO,
+                "ground truth %s: %s", self.gt_annotations, self.gt_report.format())
         if not self._detections:
             log.warning("no detections: every metric is 0")
             return {k: 0.0 for k in METRIC_NAMES}

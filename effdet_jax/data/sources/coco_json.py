@@ -17,6 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from effdet_jax.data import counts as C
+from effdet_jax.data.box_rules import parse_bbox
 from effdet_jax.data.image_io import UnreadableImageError, read_rgb
 from effdet_jax.data.label_map import LabelMap, from_categories
 from effdet_jax.data.sources import DataUnavailableError, coco_fixes
@@ -59,7 +60,7 @@ class CocoJsonIndex:
             per_image[i].append(ann)
         self.paths = [os.path.join(image_dir, im["file_name"]) for im in images]
         self.image_ids = np.asarray([int(im["id"]) for im in images], np.int64)
-        self.boxes = [np.asarray([_xywh(a) for a in anns], np.float64).reshape(-1, 4)
+        self.boxes = [np.asarray([parse_bbox(a) for a in anns], np.float64).reshape(-1, 4)
                       for anns in per_image]
         self.category_ids = [np.asarray([int(a.get("category_id", -1)) for a in anns], np.int64)
                              for anns in per_image]
@@ -69,16 +70,6 @@ class CocoJsonIndex:
 
     def __len__(self) -> int:
         return len(self.paths)
-
-
-def _xywh(ann: dict) -> list[float]:
-    """``bbox`` of an annotation as 4 floats; NaNs when it is missing or malformed."""
-    bbox = ann.get("bbox")
-    try:
-        vals = [float(v) for v in bbox]
-    except (TypeError, ValueError):
-        return [np.nan] * 4
-    return vals if len(vals) == 4 else [np.nan] * 4
 
 
 def check_files(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -> None:
