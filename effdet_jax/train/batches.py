@@ -32,7 +32,8 @@ def per_process_batch(global_batch: int) -> int:
 def train_batches(
     config: ml_collections.ConfigDict, image_size: int, start_step: int = 0
 ) -> Iterator[dict[str, np.ndarray]]:
-    """This process's training batches from ``start_step`` on (counts dropped)."""
+    """This process's training batches from ``start_step`` on; each keeps its ``counts`` (the
+    batch's bad/altered-data counters, ``data.counts``) for the trainer to sum and log."""
     pipeline = data.make_train_pipeline(
         config.data,
         image_size,
@@ -42,8 +43,7 @@ def train_batches(
         process_count=jax.process_count(),
         start_step=start_step,
     )
-    for batch in pipeline:
-        yield data.split_counts(batch)[0]
+    yield from pipeline
 
 
 def eval_pipeline(config: ml_collections.ConfigDict, image_size: int) -> data.Pipeline:

@@ -30,6 +30,7 @@ from clu import metric_writers, parameter_overview, periodic_actions
 from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
+from effdet_jax.data import counts as data_counts
 from effdet_jax.data.sources import check_available, make_source
 from effdet_jax.data.transforms import Normalization, denormalize_image
 from effdet_jax.train import batches, checkpointing, optimizer
@@ -189,14 +190,17 @@ def train_and_evaluate(
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]
     stop = _StopRequest()
     eval_metrics: dict[str, float] = {}
-    pending: tuple[int, dict] | None = None  # (step, device metrics) not fetched yet
+    # (step, device metrics, data counts up to that step) not fetched yet
+    pending: tuple[int, dict, dict] | None = None
+    # Bad/altered-data counters of the training batches read by this process in this run.
+    counts_total = {k: 0 for k in data_counts.COUNT_KEYS}
 
     def drain() -> None:
         """Fetch the pending metrics; log them, and stop on a non-finite loss."""
         nonlocal pending
         if pending is None:
             return
-        step, device_metrics = pending
+        step, device_metrics, step_counts = pending
         pending = None
         metrics = {k: float(v) for k, v in jax.device_get(device_metrics).items()}
         if metrics["finite"] < 1.0:
@@ -207,16 +211,19 @@ def train_and_evaluate(
                 raise NonFiniteLossError(step, parts, values)
             logging.warning("step %d: non-finite %s, update skipped", step, parts)
         if step % config.log_every_steps == 0 or step == total:
-            writer.write_scalars(step, {f"train/{k}": v for k, v in metrics.items()})
+            scalars = {f"train/{k}": v for k, v in metrics.items()}
+            scalars.update({f"data/{k}": v for k, v in step_counts.items()})
+            writer.write_scalars(step, scalars)
 
     try:
         with jax.set_mesh(exp.mesh):
             for step in range(start + 1, total + 1):
                 host_batch = next(train_iter)
+                data_counts.accumulate(counts_total, host_batch.get("counts", {}))
                 batch = host_batch_to_global(host_batch, exp.batch_sharding, TRAIN_KEYS)
                 state, device_metrics = exp.train_step(state, batch)
                 drain()  # the previous step's metrics, fetched while this one runs
-                pending = (step, device_metrics)
+                pending = (step, device_metrics, dict(counts_total))
                 for hook in hooks:
                     hook(step)
                 do_eval = evaluate_during_training and (
@@ -282,7 +289,9 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     if config.eval.num_images is not None:
         num_batches = min(num_batches, -(-config.eval.num_images // config.eval.batch_size))
     summary_images = None
+    counts_total = {k: 0 for k in data_counts.COUNT_KEYS}  # this process's eval batches
     for host_batch in itertools.islice(iter(pipeline), num_batches):
+        data_counts.accumulate(counts_total, host_batch.get("counts", {}))
         images = host_batch_to_global(host_batch, exp.batch_sharding, ("images",))["images"]
         detections = gather_to_all(exp.detect(variables, images))
         gt = gather_to_all({k: host_batch[k] for k in _GT_KEYS if k in host_batch})
@@ -295,10 +304,24 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
     metrics = evaluator.evaluate()
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    _log_eval_data(evaluator, counts_total)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     if summary_images is not None:
         writer.write_images(step, {"eval/detections": summary_images})
     return metrics
+
+
+def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) -> None:
+    """One log line on the data of an evaluation: images skipped as unreadable and ground-truth
+    boxes dropped (by the box rule on the json when there is one, else in the pipeline)."""
+    report = evaluator.gt_report
+    if report is not None:
+        gt = f"{report.num_dropped} ground-truth boxes dropped [{report.format()}]"
+    else:
+        dropped = sum(v for k, v in counts.items() if k.startswith("boxes_") and "dropped" in k)
+        gt = f"{dropped} ground-truth boxes dropped"
+    logging.info("eval data: %d images skipped as unreadable, %s; pipeline counts: %s",
+                 counts.get("images_unreadable", 0), gt, data_counts.format_counts(counts))
 
 
 def _draw(images: np.ndarray, detections: dict, class_names, normalization: Normalization,
