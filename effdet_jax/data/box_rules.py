@@ -113,6 +113,16 @@ def parse_bbox(ann: Mapping[str, Any]) -> list[float]:
         return [math.nan] * 4
 
 
+def as_int(value: Any, default: int = -1) -> int:
+    """``value`` as an int id (``category_id``, ``image_id``), ``default`` when it is not one: a
+    malformed id makes its annotation unknown instead of failing the run."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        return default
+    return int(f) if math.isfinite(f) and f == int(f) else default
+
+
 def _size(image: Mapping[str, Any], key: str) -> float:
     try:
         v = float(image.get(key))
@@ -168,16 +178,10 @@ def sanitize_coco_dataset(
     report = GroundTruthReport(num_annotations=len(anns))
     rows, boxes, known, hw = [], [], [], []
     for ann in anns:
-        try:
-            image = images.get(int(ann.get("image_id")))
-        except (TypeError, ValueError):
-            image = None
+        image = images.get(as_int(ann.get("image_id")))
         if image is None:
             continue
-        try:
-            cat_known = int(ann.get("category_id")) in known_category_ids
-        except (TypeError, ValueError):
-            cat_known = False
+        cat_known = as_int(ann.get("category_id")) in known_category_ids
         rows.append(ann)
         boxes.append(parse_bbox(ann))
         known.append(cat_known)

@@ -13,9 +13,10 @@ import tensorflow as tf
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from effdet_jax.data.box_rules import parse_bbox, sanitize_coco_dataset
+from effdet_jax.data.box_rules import sanitize_coco_dataset
 from effdet_jax.data.label_map import from_categories
 from effdet_jax.data.sanitize import sanitize_boxes
+from effdet_jax.data.sources.coco_json import CocoJsonIndex
 from effdet_jax.evaluation.coco_metrics import METRIC_NAMES, CocoEvaluator
 
 H, W = 80, 100  # image height, width (pixels)
@@ -46,6 +47,7 @@ CASES = [
     (_ann(11, [120, 10, 10, 10]), "boxes_degenerate_dropped"),  # outside: zero area clipped
     (_ann(12, [10, 10, 0, 5]), "boxes_degenerate_dropped"),
     (_ann(13, [10, 10, 10, 10], cat=99), "boxes_unknown_class_dropped"),
+    (_ann(14, [10, 10, 10, 10], cat="x"), "boxes_unknown_class_dropped"),
 ]
 FIXED = {9: [40.0, 40.0, 20.0, 30.0], 10: [90.0, 70.0, 10.0, 10.0]}
 
@@ -102,11 +104,12 @@ def test_malformed_json_scores_like_the_hand_cleaned_one(tmp_path):
     for k in METRIC_NAMES:
         assert metrics[k] == pytest.approx(expected[k], abs=1e-9), k
     report = ev.gt_report
-    assert report.counts == {"boxes_nan_dropped": 5, "boxes_unknown_class_dropped": 1,
+    assert report.counts == {"boxes_nan_dropped": 5, "boxes_unknown_class_dropped": 2,
                              "boxes_inverted_fixed": 1, "boxes_clipped": 1,
                              "boxes_degenerate_dropped": 2}
     assert report.examples["boxes_nan_dropped"] == [4, 5, 6, 7, 8]
     assert report.examples["boxes_degenerate_dropped"] == [11, 12]
+    assert report.examples["boxes_unknown_class_dropped"] == [13, 14]
     assert (report.num_annotations, report.num_kept) == (len(CASES), 5)
     assert "boxes_nan_dropped=5 (e.g. annotation ids [4, 5, 6, 7, 8])" in report.format()
 
@@ -126,15 +129,18 @@ def test_a_clean_json_passes_through_unchanged():
     assert report.num_kept == report.num_annotations == 3 and not any(report.counts.values())
 
 
-def test_training_and_evaluation_apply_the_same_rule():
-    """The in-graph training rule on the normalised boxes keeps and fixes what evaluation does."""
-    anns = [a for a, _ in CASES]
-    cleaned, report = sanitize_coco_dataset(_dataset(anns), {1, 2})
-    xywh = np.array([parse_bbox(a) for a in anns], np.float64)
-    x, y, w, h = xywh.T
+def test_training_and_evaluation_apply_the_same_rule(tmp_path):
+    """The training path (the coco_json source's index, then the in-graph rule on normalised
+    boxes) keeps and fixes what evaluation does."""
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(_dataset([a for a, _ in CASES])))
+    index = CocoJsonIndex(str(path), str(tmp_path))
+    cleaned, report = sanitize_coco_dataset(json.loads(path.read_text()), {1, 2})
+    x, y, w, h = index.boxes[0].T
     boxes = np.stack([y / H, x / W, (y + h) / H, (x + w) / W], axis=1).astype(np.float32)
-    classes = np.array([{1: 0, 2: 1}.get(a["category_id"], -1) for a in anns], np.int32)
-    crowd = np.array([bool(a["iscrowd"]) for a in anns])
+    lookup = index.label_map.category_lookup()
+    classes = np.array([lookup.get(int(c), -1) for c in index.category_ids[0]], np.int32)
+    crowd = index.is_crowd[0]
     b, _, _, counts = sanitize_boxes(tf.constant(boxes), tf.constant(classes), tf.constant(crowd), 2)
     assert {k: int(v) for k, v in counts.items()} == report.counts
     expected = np.array([[y / H, x / W, (y + h) / H, (x + w) / W]

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 
 from effdet_jax.data import counts as C
-from effdet_jax.data.box_rules import parse_bbox
+from effdet_jax.data.box_rules import as_int, parse_bbox
 from effdet_jax.data.image_io import UnreadableImageError, read_rgb
 from effdet_jax.data.label_map import LabelMap, from_categories
 from effdet_jax.data.sources import DataUnavailableError, coco_fixes
@@ -52,7 +52,7 @@ class CocoJsonIndex:
         row = {int(im["id"]): i for i, im in enumerate(images)}
         per_image: list[list[dict]] = [[] for _ in images]
         for ann in data.get("annotations", []):
-            i = row.get(int(ann.get("image_id", -1)))
+            i = row.get(as_int(ann.get("image_id")))
             if i is None:
                 log.warning("%s: annotation %s refers to unknown image_id %s; ignored",
                             annotations_path, ann.get("id"), ann.get("image_id"))
@@ -62,7 +62,7 @@ class CocoJsonIndex:
         self.image_ids = np.asarray([int(im["id"]) for im in images], np.int64)
         self.boxes = [np.asarray([parse_bbox(a) for a in anns], np.float64).reshape(-1, 4)
                       for anns in per_image]
-        self.category_ids = [np.asarray([int(a.get("category_id", -1)) for a in anns], np.int64)
+        self.category_ids = [np.asarray([as_int(a.get("category_id")) for a in anns], np.int64)
                              for anns in per_image]
         self.is_crowd = [np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
                          for anns in per_image]
