@@ -20,7 +20,6 @@ val json) meets none of the cases, and its annotations pass through unchanged.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
@@ -202,7 +201,7 @@ def sanitize_coco_dataset(
     for i, ann in enumerate(rows):
         if not masks["keep"][i]:
             continue
-        ann = copy.deepcopy(ann)
+        ann = dict(ann)  # top-level fields only are replaced; nested ones are shared
         changed = bool(masks["boxes_inverted_fixed"][i] or masks["boxes_clipped"][i]) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in ann["bbox"])
         if changed:
