@@ -162,9 +162,11 @@ def sanitize_coco_dataset(
 
     Boxes are xywh pixels, clipped to the json's image ``width``/``height`` (no clipping when the
     image has none). Dropped annotations are left out; fixed ones get the new ``bbox`` and
-    ``area = w * h``; unchanged ones are copied as they are (their json ``area`` is kept: COCO's
-    small/medium/large split uses it). Crowd annotations stay, as crowd. Fields pycocotools needs
-    are filled in only when missing: ``iscrowd`` 0, ``area`` w*h, ``id`` a fresh number.
+    ``area = w * h`` (unless they have a ``segmentation``: their json ``area`` is the segment's,
+    which the box fix does not change); unchanged ones are copied as they are (their json
+    ``area`` is kept: COCO's small/medium/large split uses it). Crowd annotations stay, as crowd.
+    Fields pycocotools needs are filled in only when missing or invalid: ``iscrowd`` 0, ``area``
+    w*h (when not a positive number), ``id`` a fresh number.
     Annotations of an image id the json does not list are left out (they would score nothing).
     """
     images = {}
@@ -204,10 +206,15 @@ def sanitize_coco_dataset(
         ann = dict(ann)  # top-level fields only are replaced; nested ones are shared
         changed = bool(masks["boxes_inverted_fixed"][i] or masks["boxes_clipped"][i]) or not all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in ann["bbox"])
+        json_area = ann.get("area")
+        valid_area = (isinstance(json_area, int | float) and not isinstance(json_area, bool)
+                      and math.isfinite(json_area) and json_area > 0)
         if changed:
             ann["bbox"] = [float(x0[i]), float(y0[i]), float(x1[i] - x0[i]), float(y1[i] - y0[i])]
-            ann["area"] = ann["bbox"][2] * ann["bbox"][3]
-        if not isinstance(ann.get("area"), int | float) or not math.isfinite(ann["area"]):
+            # A segment's area does not change with its box; a box-only area does.
+            if not (valid_area and ann.get("segmentation")):
+                ann["area"] = ann["bbox"][2] * ann["bbox"][3]
+        elif not valid_area:
             ann["area"] = float((x1[i] - x0[i]) * (y1[i] - y0[i]))
         if "iscrowd" not in ann:
             ann["iscrowd"] = 0

@@ -148,6 +148,15 @@ def test_training_and_evaluation_apply_the_same_rule(tmp_path):
     np.testing.assert_allclose(b.numpy(), expected, atol=1e-6)
 
 
+def test_a_fixed_box_keeps_the_area_of_its_segment():
+    seg = [[95.0, 70.0, 99.0, 70.0, 99.0, 79.0]]
+    ds = _dataset([_ann(1, [90, 70, 30, 30], area=18.0, segmentation=seg),
+                   _ann(2, [90, 70, 30, 30], area=900)])
+    (a, b), report = sanitize_coco_dataset(ds, {1, 2})
+    assert a["bbox"] == b["bbox"] == [90.0, 70.0, 10.0, 10.0]
+    assert (a["area"], b["area"]) == (18.0, 100.0) and report.counts["boxes_clipped"] == 2
+
+
 def test_missing_fields_pycocotools_needs_are_filled():
     ds = _dataset([{"image_id": 7, "category_id": 1, "bbox": [1, 2, 3, 4]},
                    {"id": 5, "image_id": 7, "category_id": 2, "bbox": [1, 2, 3, 4],
