@@ -152,7 +152,8 @@ def test_a_fixed_box_keeps_the_area_of_its_segment():
     seg = [[95.0, 70.0, 99.0, 70.0, 99.0, 79.0]]
     ds = _dataset([_ann(1, [90, 70, 30, 30], area=18.0, segmentation=seg),
                    _ann(2, [90, 70, 30, 30], area=900)])
-    (a, b), report = sanitize_coco_dataset(ds, {1, 2})
+    cleaned, report = sanitize_coco_dataset(ds, {1, 2})
+    a, b = cleaned["annotations"]
     assert a["bbox"] == b["bbox"] == [90.0, 70.0, 10.0, 10.0]
     assert (a["area"], b["area"]) == (18.0, 100.0) and report.counts["boxes_clipped"] == 2
 
