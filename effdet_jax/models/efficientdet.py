@@ -20,6 +20,7 @@ from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature
 from effdet_jax.models.efficientnet import EfficientNet
 from effdet_jax.models.heads import CLASS_PRIOR, PredictionHead
 from effdet_jax.models.model_config import EfficientDetConfig, get_efficientdet_config
+from effdet_jax.ops.policy import cpu_kernels
 
 
 class EfficientDet(nn.Module):
@@ -29,11 +30,14 @@ class EfficientDet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
+        with cpu_kernels(self.config.cpu_kernels):
+            return self._forward(images, train)
+
+    def _forward(self, images: jax.Array, train: bool):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         endpoints = EfficientNet(
-            cfg.backbone_config(), features_only=True, dtype=dtype, depthwise_impl=cfg.depthwise_impl,
-            remat=cfg.remat, name="backbone",
+            cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
         feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
@@ -52,14 +56,14 @@ class EfficientDet(nn.Module):
         for c in range(cfg.fpn_cell_repeats):
             feats = cell_cls(
                 cfg.min_level, cfg.max_level, cfg.fpn_num_filters, sizes, cfg.fpn_weight_method,
-                cfg.activation, cfg.separable_conv, dtype, cfg.depthwise_impl, name=f"fpn_cell_{c}",
+                cfg.activation, cfg.separable_conv, dtype, name=f"fpn_cell_{c}",
             )(feats, train)
 
         head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
             outputs, cfg.num_anchors, cfg.fpn_num_filters, cfg.box_class_repeats, cfg.min_level,
             cfg.max_level, cfg.activation, prior, cfg.head_drop_connect_rate,
             "sample" if cfg.drop_connect_variant in ("none", "weight") else cfg.drop_connect_variant,
-            dtype, cfg.depthwise_impl, name=name,
+            dtype, name=name,
         )
         class_outputs = head(cfg.num_classes, CLASS_PRIOR, "class_net")(feats, train)
         box_outputs = head(4, None, "box_net")(feats, train)
