@@ -111,3 +111,26 @@ def test_train_step_calls_the_kernels_unless_off(mode):
         "effdet_depthwise_forward", "effdet_depthwise_input_grad", "effdet_depthwise_kernel_grad",
         "effdet_channel_sums", "effdet_bn_swish", "effdet_bn_backward_sums", "effdet_bn_backward_input",
     }
+
+
+def test_one_traced_function_lowers_for_cpu_and_gpu():
+    """The platform choice is inside the traced function: exported for CPU and CUDA together, the
+    gradient of depthwise + batch norm holds both the FFI calls (CPU branch) and XLA's
+    convolution (the other branch), selected by a ``case`` on the platform."""
+    from jax import export
+
+    def f(x, w):
+        y, _, _ = train_batch_norm(depthwise_conv(x, w, 2), jnp.ones(8), jnp.zeros(8), 1e-3, True)
+        return jnp.sum(y**2)
+
+    x, w = jnp.ones((2, 16, 16, 8)), jnp.ones((3, 3, 1, 8))
+    targets = ["effdet_depthwise_forward", "effdet_depthwise_input_grad",
+               "effdet_depthwise_kernel_grad", "effdet_channel_sums", "effdet_bn_swish",
+               "effdet_bn_backward_sums", "effdet_bn_backward_input"]
+    checks = [export.DisabledSafetyCheck.custom_call(t) for t in targets]
+    with policy.cpu_kernels(policy.CpuKernels("auto", ffi=True)):
+        exported = export.export(jax.jit(jax.grad(f, argnums=(0, 1))), platforms=("cpu", "cuda"),
+                                 disabled_checks=checks)(x, w)
+    text = exported.mlir_module()
+    assert set(re.findall(r"custom_call @(effdet_\w+)", text)) == set(targets)
+    assert "stablehlo.case" in text and "stablehlo.convolution" in text
