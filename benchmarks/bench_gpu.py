@@ -88,9 +88,15 @@ def run_jax(args) -> None:
     if args.depthwise_grad == "autodiff":
         # XLA's own kernel gradient (a batch-grouped convolution: cuDNN's filter gradient on GPU)
         # in place of the library's folded per-tap form, to compare the two on this device.
-        from effdet_jax.models import layers
+        from effdet_jax.ops import depthwise
 
-        layers.depthwise_lax_vjp = layers._depthwise_lax
+        def autodiff_bwd(stride, pads, dilation, residuals, g):
+            x, kernel = residuals
+            plain = lambda x, k: depthwise.depthwise_lax_plain(x, k, stride, pads, dilation)  # noqa: E731
+            return jax.vjp(plain, x, kernel)[1](g)
+
+        depthwise._BACKWARD["lax"] = autodiff_bwd  # the non-CPU branch of the platform choice
+        depthwise._VJPS["lax"] = depthwise.depthwise_lax_plain  # cpu_kernels="off"
     for mode, batch, dtype in selected_cases(args):
         if time.perf_counter() - start > args.budget_s:
             print(f"budget exceeded, skipping {mode} b{batch} {dtype}", flush=True)

@@ -3,7 +3,7 @@
 A case is a JSON dict: ``model`` (``efficientnet-b0`` or ``efficientdet-d0``/``d1``...), ``mode``
 (``infer``: network only; ``e2e``: network + post-processing, EfficientDet only; ``train``: one
 full training step), ``batch``, ``image_size``, optional ``warmup`` / ``repeats`` and ``overrides``
-(model config fields, e.g. ``{"depthwise_impl": "lax"}``).
+(model config fields, e.g. ``{"cpu_kernels": "off"}``).
 
 The train step is what a real one does: forward in train mode, on-device target assignment
 (``assign_targets``) and the automl loss (``detection_loss`` with L2) for EfficientDet or softmax

@@ -60,14 +60,19 @@ def load_torch_reference(name: str) -> dict[str, np.ndarray]:
 
 @pytest.fixture
 def cpu_depthwise_kernel() -> None:
-    """Skips the test when the FFI kernels (depthwise, batch-norm sums) cannot be built here (no
-    C++ compiler); ``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``, so in CI that is a failure instead.
+    """Skips the test when the FFI kernels (depthwise, batch norm) cannot be built here (no C++
+    compiler). Under the policy ``require`` (``make test`` sets ``EFFDET_JAX_REQUIRE_CPU_KERNEL=1``,
+    or ``EFFDET_JAX_CPU_KERNELS=require``) that is a failure instead, naming why.
     (A fixture rather than a helper: ``from conftest import`` can resolve to tests/train/conftest.)"""
-    from effdet_jax.kernels import depthwise_cpu
+    from effdet_jax.ops import policy
 
-    reason = depthwise_cpu.unavailable_reason()
-    if reason:
-        message = f"CPU depthwise kernel unavailable: {reason}"
-        if os.environ.get("EFFDET_JAX_REQUIRE_CPU_KERNEL") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
+    try:
+        resolved = policy.resolve()
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    if resolved.mode == "off":
+        pytest.skip(f"CPU kernels switched off ({policy.ENV_VARIABLE}=off)")
+    if not resolved.ffi:
+        from effdet_jax.kernels.cpu_library import unavailable_reason
+
+        pytest.skip(f"CPU kernels unavailable: {unavailable_reason()}")

@@ -1,6 +1,6 @@
 """Train-mode batch norm (+ swish) on XLA:CPU through the XLA FFI (``batch_norm_cpu.cc``).
 
-:mod:`effdet_jax.models.batch_norm` uses these on CPU:
+:mod:`effdet_jax.ops.batch_norm` uses these in the CPU branch of ``lax.platform_dependent``:
 
 * :func:`channel_sums`: ``(sum x, sum x^2)`` over ``[N, H, W, C]`` float32 in one pass (XLA:CPU
   makes it two);
@@ -21,17 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from effdet_jax.kernels.cpu_library import available, partitioned, unavailable_reason
-
-
-def usable(*arrays: jax.Array) -> bool:
-    """Whether these kernels take ``arrays``: float32 ``[N, H, W, C]`` on the CPU backend, with
-    the kernels built."""
-    return (
-        jax.default_backend() == "cpu"
-        and all(a.ndim == 4 and a.dtype == jnp.float32 for a in arrays)
-        and available()
-    )
+from effdet_jax.kernels.cpu_library import partitioned, unavailable_reason
 
 
 def _check(x: jax.Array) -> None:
@@ -39,8 +29,6 @@ def _check(x: jax.Array) -> None:
         raise ValueError(
             f"the CPU batch-norm kernels take float32 [N, H, W, C], not {x.dtype}{list(x.shape)}"
         )
-    if jax.default_backend() != "cpu":
-        raise ValueError(f"the CPU batch-norm kernels run on CPU only, not {jax.default_backend()}")
     reason = unavailable_reason()  # builds and registers the kernels on first use
     if reason:
         raise RuntimeError(f"the CPU batch-norm kernels are unavailable: {reason}")

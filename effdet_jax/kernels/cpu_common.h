@@ -90,8 +90,8 @@ inline V Exp(V x) {
 // caller waits for tasks that helpers have claimed; a helper that starts after all tasks are
 // claimed touches only the shared counters, never `body`. Caller and helpers together are at most
 // the pool's size: the caller is often not a pool thread (XLA runs thunks on the thread that
-// called Execute), and one worker more than cores left D0 inference at batch 1 at 40 ms instead of
-// 29 ms in about half the processes (2 cores: a preempted worker holds its task for a time slice).
+// called Execute), and with one worker more than cores a preempted worker holds its task for a
+// whole time slice, which makes small calls bimodal (benchmarks/RESULTS.md).
 template <typename F>
 void ParallelFor(ffi::ThreadPool& pool, int64_t count, const F& body) {
   const int64_t helpers = std::min<int64_t>(pool.num_threads() - 1, count - 1);

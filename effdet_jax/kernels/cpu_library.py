@@ -5,7 +5,8 @@ ship with the package and are compiled together on first use with the system's C
 (``$CXX``, else ``c++`` / ``g++`` / ``clang++``) into one library in a cache folder
 (``$EFFDET_JAX_KERNEL_CACHE``, default ``~/.cache/effdet_jax/kernels``), keyed by the sources, the
 compiler, jaxlib and the CPU, so a machine builds it once (a few seconds). Where no compiler is
-found or the build fails, :func:`unavailable_reason` says why and the callers fall back to XLA.
+found or the build fails, :func:`unavailable_reason` says why; the CPU-kernel policy
+(``effdet_jax.ops.policy``) then uses XLA's ops, or raises for ``require``.
 
 Every kernel is independent per image: :func:`partitioned` wraps one in ``custom_partitioning``
 so that under a sharded ``jax.jit`` it runs on each device's shard of the batch (and of the
@@ -146,7 +147,7 @@ def _batch_and_channel_sharding(arg_shape) -> tuple:
     if spec is None:
         raise NotImplementedError(
             "the CPU FFI kernels under sharding need a named mesh (jax.sharding.Mesh with "
-            f"NamedSharding), got {arg_shape.sharding}; use depthwise_impl='shift_add' otherwise"
+            f"NamedSharding), got {arg_shape.sharding}; use cpu_kernels='off' otherwise"
         )
     spec = tuple(spec) + (None,) * 4
     return spec[0], spec[3]

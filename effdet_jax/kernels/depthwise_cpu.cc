@@ -7,7 +7,7 @@
 //
 // Why this exists: XLA:CPU lowers the shift-and-add depthwise formulation to one strided slice
 // fusion per tap, and its kernel gradient to a multiply and a reduction over the major axes;
-// together they were 28 % of the EfficientDet-D0 train step (benchmarks/RESULTS.md). Here each
+// together they are a large share of the EfficientDet-D0 train step (benchmarks/RESULTS.md). Here each
 // output vector of 16 channels (then 8, then single channels) is accumulated in a register over
 // all taps; 16-float vectors are one AVX-512 register where the CPU has them. Where every tap lies
 // inside x (all but the border columns) and the geometry is one EfficientDet uses (3x3 or 5x5,
@@ -20,6 +20,10 @@
 // atomic counter by the calling thread and by helpers on XLA's intra-op thread pool. Results do
 // not depend on the number of threads: every output element is summed in a fixed order, and the
 // kernel gradient's per-chunk partial sums are added in chunk order.
+//
+// Size: the three kernels share the templated interior blocks and must be compiled in one
+// translation unit for GCC to inline them (a block called out of line gains nothing), which is
+// why this file is longer than the project's other modules.
 
 #include <algorithm>
 #include <cstdint>

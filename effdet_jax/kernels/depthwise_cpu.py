@@ -1,8 +1,10 @@
 """Depthwise convolution on XLA:CPU through the XLA FFI (``depthwise_cpu.cc``).
 
 Built and registered by :mod:`effdet_jax.kernels.cpu_library` on first use; where that fails,
-:func:`unavailable_reason` says why and ``depthwise_impl="auto"`` falls back to the XLA
-shift-and-add formulation (same values to float32 rounding).
+:func:`unavailable_reason` says why and :mod:`effdet_jax.ops.depthwise` uses the XLA
+shift-and-add formulation on CPU instead (same values to float32 rounding). These functions
+only lower for the CPU platform: :mod:`effdet_jax.ops.depthwise` calls them in the CPU branch of
+``lax.platform_dependent``.
 
 All three operations are independent per image and partitioned by
 :func:`cpu_library.partitioned`, so that under a sharded ``jax.jit`` each runs on every device's
@@ -56,22 +58,17 @@ def _check(x: jax.Array, kernel: jax.Array) -> None:
         raise ValueError(f"depthwise: x {x.shape} must be [N,H,W,C] and kernel {kernel.shape} [kh,kw,1,C]")
     if max(kernel.shape[:2]) > MAX_KERNEL_SIZE:
         raise ValueError(
-            f"depthwise_impl='cpu_ffi' takes kernels up to {MAX_KERNEL_SIZE}x{MAX_KERNEL_SIZE}, got "
-            f"{kernel.shape[0]}x{kernel.shape[1]}; use depthwise_impl='shift_add'"
+            f"the CPU depthwise kernels take kernels up to {MAX_KERNEL_SIZE}x{MAX_KERNEL_SIZE}, got "
+            f"{kernel.shape[0]}x{kernel.shape[1]}; use impl='shift_add'"
         )
     if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
         raise ValueError(
-            f"depthwise_impl='cpu_ffi' takes float32 only (got {x.dtype}, {kernel.dtype}); "
-            "use depthwise_impl='auto' or 'shift_add' for other dtypes"
-        )
-    if jax.default_backend() != "cpu":
-        raise ValueError(
-            f"depthwise_impl='cpu_ffi' runs on CPU only (the default backend is {jax.default_backend()}); "
-            "use depthwise_impl='auto' or 'lax'"
+            f"the CPU depthwise kernels take float32 only (got {x.dtype}, {kernel.dtype}); "
+            "use impl=None or 'shift_add' for other dtypes"
         )
     reason = unavailable_reason()
     if reason:
-        raise RuntimeError(f"depthwise_impl='cpu_ffi' is unavailable: {reason}")
+        raise RuntimeError(f"the CPU depthwise kernels are unavailable: {reason}")
 
 
 def output_size(size: int, kernel: int, stride: int, pads: tuple[int, int], dilation: int) -> int:

@@ -19,9 +19,9 @@ from effdet_jax.models.layers import (
     SeparableConv2D,
     activation_fn,
     batch_norm,
-    max_pool_same,
-    resize_nearest_legacy,
 )
+from effdet_jax.ops.pool import max_pool_same
+from effdet_jax.ops.resize import resize_nearest_legacy
 
 Dtype = Any
 # Keras' default (glorot uniform) initialiser, which automl's BiFPN convs use.
@@ -122,7 +122,6 @@ class BiFPNCell(nn.Module):
     activation: str = "swish"
     separable_conv: bool = True
     dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
 
     @nn.compact
     def __call__(self, feats: dict[int, jax.Array], train: bool = False) -> dict[int, jax.Array]:
@@ -150,7 +149,7 @@ class BiFPNCell(nn.Module):
             x = act(fuse(resampled, weights, self.weight_method))
             if self.separable_conv:
                 x = SeparableConv2D(
-                    self.features, 3, dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+                    self.features, 3, dtype=self.dtype,
                     depthwise_kernel_init=glorot_depthwise, pointwise_kernel_init=glorot,
                     name=f"node_{k}_conv",
                 )(x)

@@ -20,6 +20,7 @@ from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature
 from effdet_jax.models.efficientnet import EfficientNet
 from effdet_jax.models.heads import CLASS_PRIOR, PredictionHead
 from effdet_jax.models.model_config import EfficientDetConfig, get_efficientdet_config
+from effdet_jax.ops.policy import cpu_kernels
 
 
 class EfficientDet(nn.Module):
@@ -29,11 +30,14 @@ class EfficientDet(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, train: bool = False):
+        with cpu_kernels(self.config.cpu_kernels):
+            return self._forward(images, train)
+
+    def _forward(self, images: jax.Array, train: bool):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         endpoints = EfficientNet(
-            cfg.backbone_config(), features_only=True, dtype=dtype, depthwise_impl=cfg.depthwise_impl,
-            remat=cfg.remat, name="backbone",
+            cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
         feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
@@ -59,7 +63,6 @@ class EfficientDet(nn.Module):
                 activation=cfg.activation,
                 separable_conv=cfg.separable_conv,
                 dtype=dtype,
-                depthwise_impl=cfg.depthwise_impl,
                 name=f"fpn_cell_{c}",
             )(feats, train)
 
@@ -78,7 +81,6 @@ class EfficientDet(nn.Module):
                 else cfg.drop_connect_variant
             ),
             dtype=dtype,
-            depthwise_impl=cfg.depthwise_impl,
             name=name,
         )
         class_outputs = head(cfg.num_classes, CLASS_PRIOR, "class_net")(feats, train)

@@ -28,6 +28,7 @@ from effdet_jax.models.layers import (
     batch_norm,
     dense_kernel_init,
 )
+from effdet_jax.ops.policy import cpu_kernels
 
 Dtype = Any
 
@@ -84,7 +85,6 @@ class MBConvBlock(nn.Module):
     drop_rate: float = 0.0
     drop_variant: str = "sample"
     dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
     axis_name: str | None = None
 
     @nn.compact
@@ -98,7 +98,7 @@ class MBConvBlock(nn.Module):
             x = Conv2D(self.filters_in * self.expand_ratio, dtype=self.dtype, name="expand_conv")(x)
             x = bn("expand_bn", act)(x)
         x = DepthwiseConv2D(
-            self.kernel, self.stride, self.dtype, self.depthwise_impl, name="depthwise_conv"
+            self.kernel, self.stride, self.dtype, name="depthwise_conv"
         )(x)
         x = bn("depthwise_bn", act)(x)
         if self.se_ratio:
@@ -125,7 +125,9 @@ class EfficientNet(nn.Module):
       features_only: return the stride endpoints instead of logits; head conv and classifier are
         not built.
       dtype: computation dtype (float32, bfloat16, float16); params and BN statistics stay float32.
-      depthwise_impl: ``auto`` | ``lax`` | ``shift_add`` | ``cpu_ffi`` (see ``layers.depthwise_conv``).
+      cpu_kernels: the CPU-kernel policy its ops are traced with, ``auto`` | ``off`` | ``require``
+        (``effdet_jax.ops.policy``); ``None``: the enclosing policy (an EfficientDet's), else the
+        process default (``$EFFDET_JAX_CPU_KERNELS`` or ``auto``).
       axis_name: BN cross-device axis, only for ``shard_map``/``pmap`` code.
       remat: rematerialise each block in the backward pass (saves memory).
     """
@@ -134,12 +136,16 @@ class EfficientNet(nn.Module):
     num_classes: int = 1000
     features_only: bool = False
     dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
+    cpu_kernels: str | None = None
     axis_name: str | None = None
     remat: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
+        with cpu_kernels(self.cpu_kernels):
+            return self._forward(x, train)
+
+    def _forward(self, x: jax.Array, train: bool):
         cfg = self.config
         act = activation_fn(cfg.activation)
         x = x.astype(self.dtype)
@@ -168,7 +174,6 @@ class EfficientNet(nn.Module):
                 drop_rate=cfg.drop_connect_rate * i / len(blocks),
                 drop_variant=cfg.drop_connect_variant,
                 dtype=self.dtype,
-                depthwise_impl=self.depthwise_impl,
                 axis_name=self.axis_name,
                 name=f"block_{i}",
             )(x, train)
@@ -196,11 +201,11 @@ class EfficientNet(nn.Module):
 def efficientnet(name: str, num_classes: int = 1000, **overrides) -> EfficientNet:
     """Build ``efficientnet-b0`` .. ``b7`` or ``efficientnet-lite0`` .. ``lite4``.
 
-    ``overrides`` may set module attributes (``features_only``, ``dtype``, ``depthwise_impl``,
+    ``overrides`` may set module attributes (``features_only``, ``dtype``, ``cpu_kernels``,
     ``axis_name``, ``remat``) or any ``EfficientNetConfig`` field (e.g. ``drop_connect_rate=0.3``,
     ``drop_connect_variant="channel"``).
     """
-    module_fields = {"features_only", "dtype", "depthwise_impl", "axis_name", "remat"}
+    module_fields = {"features_only", "dtype", "cpu_kernels", "axis_name", "remat"}
     module_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in module_fields}
     config = get_efficientnet_config(name, **overrides)
     return EfficientNet(config=config, num_classes=num_classes, **module_kwargs)

@@ -45,13 +45,12 @@ class PredictionHead(nn.Module):
     drop_connect_rate: float | None = None
     drop_connect_variant: str = "sample"
     dtype: Dtype = jnp.float32
-    depthwise_impl: str = "auto"
 
     @nn.compact
     def __call__(self, feats: dict[int, jax.Array], train: bool = False) -> list[jax.Array]:
         act = activation_fn(self.activation)
         sep = lambda features, name, **kw: SeparableConv2D(  # noqa: E731
-            features, 3, dtype=self.dtype, depthwise_impl=self.depthwise_impl,
+            features, 3, dtype=self.dtype,
             depthwise_kernel_init=head_depthwise_init, pointwise_kernel_init=head_init,
             name=name, **kw,
         )

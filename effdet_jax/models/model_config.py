@@ -17,7 +17,9 @@ from effdet_jax.models.efficientnet_config import (
     EfficientNetConfig,
     get_efficientnet_config,
 )
-from effdet_jax.models.layers import ACTIVATIONS, DEPTHWISE_IMPLS
+from effdet_jax.models.layers import ACTIVATIONS
+from effdet_jax.ops.policy import MODES as CPU_KERNEL_MODES
+from effdet_jax.ops.policy import resolve as resolve_cpu_kernels
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -94,7 +96,9 @@ class EfficientDetConfig:
       head_drop_connect_rate: None = automl's default heads (no residual). A number adds automl's head
         residual for repeats after the first, with that drop-connect rate in training.
       dtype: computation dtype name; params, BN statistics and outputs stay float32.
-      depthwise_impl: ``auto`` | ``lax`` | ``shift_add`` | ``cpu_ffi`` (see ``layers.depthwise_conv``).
+      cpu_kernels: the hand-written XLA:CPU kernels, ``auto`` (on CPU where they build) | ``off``
+        (XLA's own ops on every platform) | ``require`` (error naming why they cannot be built);
+        ``None``: ``$EFFDET_JAX_CPU_KERNELS``, else ``auto`` (``effdet_jax.ops.policy``).
       remat: rematerialise backbone blocks and BiFPN cells in the backward pass.
     """
 
@@ -120,7 +124,7 @@ class EfficientDetConfig:
     drop_connect_variant: str = "sample"
     head_drop_connect_rate: float | None = None
     dtype: str = "float32"
-    depthwise_impl: str = "auto"
+    cpu_kernels: str | None = None
     remat: bool = False
 
     def __post_init__(self):
@@ -148,11 +152,14 @@ class EfficientDetConfig:
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
             ("dtype", self.dtype, DTYPES),
             ("activation", self.activation, tuple(ACTIVATIONS)),
-            ("depthwise_impl", self.depthwise_impl, DEPTHWISE_IMPLS),
         ]
+        if self.cpu_kernels is not None:
+            checks.append(("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES))
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ValueError(f"{key}={value!r} is not allowed; choose one of {allowed}")
+        if self.cpu_kernels == "require":
+            resolve_cpu_kernels("require")  # raises here, naming why, when they cannot be built
         if not 2 <= self.min_level <= 5 or self.max_level < self.min_level + 1:
             raise ValueError(
                 f"levels {self.min_level}..{self.max_level}: min_level must be 2..5 (the backbone "
@@ -219,6 +226,12 @@ def get_efficientdet_config(name: str = "efficientdet-d0", **overrides) -> Effic
         backbone_drop_connect_rate=0.0 if "b0" in backbone else 0.2,
         **extra,
     )
+    if "depthwise_impl" in overrides:
+        raise ValueError(
+            "depthwise_impl is no longer a model config field: the depthwise implementation follows "
+            "cpu_kernels ('auto' | 'off' | 'require'; 'off' is XLA's grouped convolution, as "
+            "depthwise_impl='lax' was), e.g. --config.model.overrides.cpu_kernels=off"
+        )
     known = {f.name for f in dataclasses.fields(EfficientDetConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:

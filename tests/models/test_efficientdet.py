@@ -199,7 +199,7 @@ def _tiny(**overrides):
     fields = dict(
         num_classes=3, image_size=64, fpn_num_filters=16, fpn_cell_repeats=1, box_class_repeats=2,
         backbone_overrides=(("width_coefficient", 0.25), ("depth_coefficient", 0.25)),
-        depthwise_impl="lax",  # compiles faster; tiny shapes make its CPU speed irrelevant
+        cpu_kernels="off",  # compiles faster; tiny shapes make its CPU speed irrelevant
     )
     fields.update(overrides)
     return efficientdet("efficientdet-d0", **fields)
