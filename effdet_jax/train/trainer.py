@@ -4,6 +4,10 @@ Everything is built by ``experiment.build_experiment``; this module only orders 
 multi-process start-up, restore or initialise, feed batches, log one step late (the device never
 waits for the host), evaluate, checkpoint, and stop cleanly on SIGTERM or a non-finite loss.
 
+Size: the four entry points (train, evaluate, predict, summary), the evaluation pass and the
+multi-process start-up share ``setup``, the checkpoint manager and the step bookkeeping, so they stay
+in one module of a little over 400 lines rather than being split away from their only callers.
+
 Multi-process runs: ``jax.distributed.initialize`` runs only when the environment asks for it. A
 laptop run has none of the variables and stays single-process. A cluster job sets either
 ``JAX_COORDINATOR_ADDRESS`` + ``JAX_NUM_PROCESSES`` + ``JAX_PROCESS_ID`` (e.g. two processes on one
