@@ -8,6 +8,7 @@
 This file only parses flags; everything else is in ``effdet_jax.train`` (importable in notebooks).
 """
 
+import contextlib
 import glob
 import os
 import sys
@@ -15,7 +16,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from effdet_jax.train import launcher
+from effdet_jax.train import console, launcher
 
 MODES = ("train", "eval", "train_and_eval", "predict", "summary")
 
@@ -33,11 +34,15 @@ flags.mark_flags_as_required(["config"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    # Imported here, not at the top: the trainer pulls in TensorFlow, which the launcher's
-    # re-execution would load twice.
-    from effdet_jax.data import hide_gpus_from_tf
+    # Library INFO goes to WORKDIR/log.txt, not the console, unless --verbosity is given.
+    library_info = FLAGS["verbosity"].present
+    console.setup(FLAGS.workdir, library_info=library_info)
+    # TensorFlow's C++ start-up notices go to the log. Imported here, not at the top: the
+    # trainer pulls in TensorFlow, which the launcher's re-execution would load twice.
+    with contextlib.nullcontext() if library_info else console.native_stderr_to_log():
+        from effdet_jax.data import hide_gpus_from_tf
 
-    hide_gpus_from_tf()
+        hide_gpus_from_tf()
     from effdet_jax.train import trainer
 
     config = FLAGS.config

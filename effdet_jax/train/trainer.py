@@ -37,7 +37,7 @@ from effdet_jax import evaluation, visualize
 from effdet_jax.data import counts as data_counts
 from effdet_jax.data.sources import check_available, make_source
 from effdet_jax.data.transforms import Normalization, denormalize_image
-from effdet_jax.train import batches, checkpointing, optimizer
+from effdet_jax.train import batches, checkpointing, console, optimizer
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
@@ -127,7 +127,7 @@ def restore_or_init(exp: Experiment, manager) -> Any:
     if restored is None:
         return exp.init_state()
     state, step = restored
-    logging.info("resumed from the checkpoint of step %d", step)
+    console.say("resumed from the checkpoint of step %d", step)
     return state
 
 
@@ -155,6 +155,7 @@ def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Ex
     ``splits`` (``"train"``, ``"eval"``), then the experiment: a missing dataset fails in seconds,
     before the model is built or anything is compiled."""
     maybe_initialize_distributed()
+    console.set_process(jax.process_index())
     validate_config(config, num_devices=jax.device_count())
     check_available(config.data, splits)
     return build_experiment(config)
@@ -189,9 +190,13 @@ def train_and_evaluate(
     if start == 0:
         _write_params_overview(state, primary)
         writer.write_hparams(_flat_hparams(config))
+    if primary:
+        console.say(console.start_line(config, state.params, start, total,
+                                       console.write_config(workdir, config)))
 
     train_iter = batches.train_batches(config, exp.image_size, start_step=start)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]
+    progress = console.Progress(total)
     stop = _StopRequest()
     eval_metrics: dict[str, float] = {}
     # (step, device metrics, data counts up to that step) not fetched yet
@@ -218,6 +223,8 @@ def train_and_evaluate(
             scalars = {f"train/{k}": v for k, v in metrics.items()}
             scalars.update({f"data/{k}": v for k, v in step_counts.items()})
             writer.write_scalars(step, scalars)
+            console.say(progress.line(step, metrics))
+        progress.start_clock(step)  # the first step fetched: compilation is over
 
     try:
         with jax.set_mesh(exp.mesh):
@@ -238,7 +245,7 @@ def train_and_evaluate(
                 if do_save or stopping:
                     drain()  # never checkpoint a state whose step was not checked
                 if do_eval:
-                    with hooks[0].timed("eval"):
+                    with hooks[0].timed("eval"), progress.paused():
                         eval_metrics = evaluate_state(exp, state, writer, step)
                 if do_save or stopping:
                     checkpointing.save(
@@ -307,7 +314,7 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
                                    pipeline.label_map.class_names(), pipeline.normalization)
     pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
     metrics = evaluator.evaluate()
-    logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    console.say("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     _log_eval_data(evaluator, counts_total)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
     if summary_images is not None:
@@ -324,8 +331,8 @@ def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) 
     else:
         dropped = sum(v for k, v in counts.items() if k.startswith("boxes_") and "dropped" in k)
         gt = f"{dropped} ground-truth boxes dropped"
-    logging.info("eval data: %d images skipped as unreadable, %s; pipeline counts: %s",
-                 counts.get("images_unreadable", 0), gt, data_counts.format_counts(counts))
+    console.say("eval data: %d images skipped as unreadable, %s; pipeline counts: %s",
+                counts.get("images_unreadable", 0), gt, data_counts.format_counts(counts))
 
 
 def _draw(images: np.ndarray, detections: dict, class_names, normalization: Normalization,
