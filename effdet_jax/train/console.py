@@ -132,6 +132,8 @@ def setup(workdir: str | None, library_info: bool = False) -> None:
       library_info: put library records at absl's verbosity on the console too (``main.py``
         passes whether ``--verbosity`` was given).
     """
+    if _State.console_handler is not None:
+        return  # once per process
     root = logging.getLogger()
     absl_handler = absl_logging.get_absl_handler()
     if absl_handler not in root.handlers:

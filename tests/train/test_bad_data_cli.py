@@ -81,11 +81,13 @@ def test_train_and_eval_survives_malformed_annotations(tmp_path):
                  "boxes_degenerate_dropped=1 (e.g. annotation ids [8])"):
         assert rule in log, rule
     assert "eval data: 1 images skipped as unreadable" in log
-    # The training counters, summed over the batches of steps 1..s, are logged with the training
-    # metrics; a batch of 8 is one pass over the 8 training images, so each case counts once per
-    # step (crowd boxes are dropped from training examples, and only there).
+    # The training counters, summed over the batches of steps 1..s, are logged (to the workdir's
+    # log file) with the training metrics; a batch of 8 is one pass over the 8 training images,
+    # so each case counts once per step (crowd boxes are dropped from training examples, and
+    # only there).
+    library_log = (tmp_path / "run" / "log.txt").read_text()
     for step in (1, 2):
-        line = next(li for li in log.splitlines() if f"] [{step}] data/" in li)
+        line = next(li for li in library_log.splitlines() if f"] [{step}] data/" in li)
         for key, per_step in (("boxes_nan_dropped", 5), ("boxes_unknown_class_dropped", 1),
                               ("boxes_inverted_fixed", 1), ("boxes_clipped", 1),
                               ("boxes_degenerate_dropped", 1), ("boxes_crowd_dropped", 1),

@@ -2,6 +2,7 @@
 each) train with per-process input, checkpoint, restart from the checkpoint, and end at the params
 of a single-process run fed the same global batches."""
 
+import re
 import signal
 import socket
 import subprocess
@@ -50,6 +51,11 @@ def _launch(workdir, total_steps: int) -> None:
     outputs = [p.communicate(timeout=600)[0] for p in procs]
     for p, out in zip(procs, outputs, strict=True):
         assert p.returncode == 0, out[-3000:]
+    # Only process 0 prints train lines; each process has its own log file in the workdir.
+    last = f"step {total_steps}/{total_steps}  loss "
+    assert last in outputs[0] and not re.search("^step ", outputs[1], re.M), outputs[1][-3000:]
+    assert last in (workdir / "log.process1.txt").read_text()
+    assert last in (workdir / "log.txt").read_text()
 
 
 def _reference_run(config, steps: int):
@@ -97,7 +103,9 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
                    logs=logs)
     try:
         deadline = time.time() + 600
-        while "train/loss" not in logs[0].read_text() or "train/loss" not in logs[1].read_text():
+        # Both processes have logged a step (clu's scalar lines, in each one's log file).
+        workdir_logs = [tmp_path / "run" / "log.txt", tmp_path / "run" / "log.process1.txt"]
+        while not all(p.exists() and "train/loss" in p.read_text() for p in workdir_logs):
             assert time.time() < deadline and all(p.poll() is None for p in procs), \
                 logs[0].read_text()[-3000:]
             time.sleep(1)
