@@ -20,8 +20,8 @@ and written to the file it opens.
 Without ``setup`` (the trainer called from a notebook or a test) nothing is redirected: ``say``
 lines are ordinary INFO records.
 
-Imports no TensorFlow: ``main.py`` sets this up before TensorFlow is loaded, so that
-``TF_CPP_MIN_LOG_LEVEL`` reaches its C++ logger.
+Imports no TensorFlow: ``main.py`` sets this up first, then imports TensorFlow inside
+``native_stderr_to_log``, so that its C++ start-up notices land in the log file.
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import jax
+import ml_collections
 from absl import logging as absl_logging
 
 LOGGER_NAME = "effdet_jax.console"
@@ -196,7 +198,7 @@ def log_path() -> str | None:
     return None if _State.file_handler is None else _State.file_handler.path
 
 
-def write_config(workdir: str, config) -> str:
+def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
     """Writes ``config`` (an ``ml_collections.ConfigDict``), references resolved, as YAML to
     ``WORKDIR/config.yaml`` and into the log file; returns the path."""
     text = str(config.copy_and_resolve_references())  # ml_collections' YAML dump
@@ -208,7 +210,8 @@ def write_config(workdir: str, config) -> str:
     return path
 
 
-def start_line(config, params, start: int, total: int, config_path: str) -> str:
+def start_line(config: ml_collections.ConfigDict, params: Any, start: int, total: int,
+               config_path: str) -> str:
     """What a run is about to do: model, parameter count (``params``, a pytree of arrays), the
     steps, and where the config and the full log are."""
     count = sum(int(math.prod(x.shape)) for x in jax.tree.leaves(params))
