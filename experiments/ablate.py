@@ -91,12 +91,13 @@ def run_arm(arm: Arm, seed: int, args, out: pathlib.Path) -> dict:
     cmd += [f"--{k}={v}" for k, v in arm.overrides]
     cmd += [f"--{s}" for s in args.set]
     start = time.time()
-    with open(workdir / "log.txt", "w") as log:
+    # main.py writes its full log to workdir/log.txt itself; this is what it printed.
+    with open(workdir / "console.txt", "w") as log:
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     result = {"arm": arm.label, "seed": seed, "returncode": proc.returncode,
               "wall_s": time.time() - start}
     if proc.returncode != 0:
-        result["error"] = f"exit {proc.returncode}; see {workdir / 'log.txt'}"
+        result["error"] = f"exit {proc.returncode}; see {workdir / 'console.txt'} and log.txt"
         return result
     events = read_events(workdir)
     result["curve_ap50"] = events.get("eval/AP50", [])
