@@ -76,6 +76,11 @@ def validate_config(
     _one_of(config, "train.lr_schedule", LR_SCHEDULES)
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _one_of(config, "model.dtype", model_config.DTYPES)
+    _check(config.model.dtype != "float16", "model.dtype", config.model.dtype,
+           "'float32' or 'bfloat16' for training and evaluation: float16 activations need loss "
+           "scaling, which the train step does not do (bfloat16 has float32's range and needs "
+           "none); float16 is for the library's inference-only use")
+    _one_of(config, "model.remat", model_config.REMAT_POLICIES)
     _one_of(config, "eval.postprocess.method", NMS_METHODS)
     _one_of(config, "eval.postprocess.candidates", CANDIDATE_MODES)
     _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))

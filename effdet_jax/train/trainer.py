@@ -24,6 +24,7 @@ import logging as pylogging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -37,7 +38,7 @@ from effdet_jax import evaluation, visualize
 from effdet_jax.data import counts as data_counts
 from effdet_jax.data.sources import check_available, make_source
 from effdet_jax.data.transforms import Normalization, denormalize_image
-from effdet_jax.train import batches, checkpointing, optimizer
+from effdet_jax.train import batches, checkpointing, compile_cache, optimizer
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
@@ -157,6 +158,8 @@ def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Ex
     maybe_initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
     check_available(config.data, splits)
+    directory = compile_cache.enable(config.compilation_cache)
+    logging.info("persistent compilation cache: %s", directory or "off")
     return build_experiment(config)
 
 
@@ -225,7 +228,14 @@ def train_and_evaluate(
                 host_batch = next(train_iter)
                 data_counts.accumulate(counts_total, host_batch.get("counts", {}))
                 batch = host_batch_to_global(host_batch, exp.batch_sharding, TRAIN_KEYS)
+                if step == start + 1:
+                    cache_before, t0 = compile_cache.CacheEvents.snapshot(), time.perf_counter()
                 state, device_metrics = exp.train_step(state, batch)
+                if step == start + 1:
+                    logging.info("train step ready after %.1f s: %s", time.perf_counter() - t0,
+                                 compile_cache.describe(cache_before, jax.config.jax_compilation_cache_dir
+                                                        if jax.config.jax_enable_compilation_cache
+                                                        else None))
                 drain()  # the previous step's metrics, fetched while this one runs
                 pending = (step, device_metrics, dict(counts_total))
                 for hook in hooks:

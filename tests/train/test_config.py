@@ -78,6 +78,8 @@ def test_unknown_key_fails_naming_it():
         ("train.lr_schedule", "linear", "cosine"),
         ("train.nonfinite_policy", "ignore", "skip"),
         ("model.dtype", "float8", "bfloat16"),
+        ("model.dtype", "float16", "loss scaling"),
+        ("model.remat", "all", "blocks+heads"),
         ("model.fpn_weight_method", "max", "fastattn"),
         ("model.drop_connect_variant", "block", "channel"),
         ("loss.iou_loss_type", "l1", "ciou"),
