@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
 from effdet_jax.data import counts as data_counts
+from effdet_jax.data import report as data_report
 from effdet_jax.data.sources import check_available, make_source
 from effdet_jax.data.transforms import Normalization, denormalize_image
 from effdet_jax.train import batches, checkpointing, optimizer
@@ -150,13 +151,19 @@ def maybe_initialize_distributed() -> bool:
     return False
 
 
-def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Experiment:
+def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = (),
+          workdir: str | None = None) -> Experiment:
     """Distributed start-up (if asked for), config validation, the presence of the data of
-    ``splits`` (``"train"``, ``"eval"``), then the experiment: a missing dataset fails in seconds,
-    before the model is built or anything is compiled."""
+    ``splits`` (``"train"``, ``"eval"``), the data report (``data.report``; written to
+    ``workdir`` by process 0 when ``workdir`` is given), then the experiment: a missing dataset
+    or bad data under ``on_bad_data="error"`` fails in seconds, before the model is built or
+    anything is compiled."""
     maybe_initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
     check_available(config.data, splits)
+    if workdir is not None:
+        data_report.report_data(config.data, splits,
+                                workdir if jax.process_index() == 0 else None)
     return build_experiment(config)
 
 
@@ -179,7 +186,7 @@ def train_and_evaluate(
 
     Returns the last eval metrics (empty without evaluation).
     """
-    exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",))
+    exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
     primary = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
     manager = _checkpoint_manager(config, workdir)
@@ -287,7 +294,8 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     """
     config = exp.config
     pipeline = batches.eval_pipeline(config, exp.image_size)
-    evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations)
+    evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations,
+                                         image_sizes=_decoded_sizes(config.data))
     variables = exp.eval_variables(state)
     num_batches = pipeline.num_batches
     if config.eval.num_images is not None:
@@ -310,9 +318,30 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     _log_eval_data(evaluator, counts_total)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.write_scalars(step, _eval_data_scalars(evaluator, counts_total))
     if summary_images is not None:
         writer.write_images(step, {"eval/detections": summary_images})
     return metrics
+
+
+def _decoded_sizes(data_config: ml_collections.ConfigDict) -> dict | None:
+    """The eval files' own sizes, which win over the json's for clipping its ground truth."""
+    if data_config.source != "coco_json":
+        return None
+    return data_report.decoded_sizes(data_config.eval_annotations, data_config.eval_images)
+
+
+def _eval_data_scalars(evaluator: evaluation.CocoEvaluator,
+                       counts: dict[str, int]) -> dict[str, float]:
+    """``data/eval/<counter>`` (the eval pipeline's counts) and ``data/eval_gt/<rule>`` (what
+    the box rule did to the ground-truth json) of one evaluation."""
+    scalars = {f"data/eval/{k}": float(v) for k, v in counts.items()}
+    report = evaluator.gt_report
+    if report is not None:
+        scalars.update({f"data/eval_gt/{k}": float(v) for k, v in report.counts.items()})
+        scalars["data/eval_gt/boxes_unknown_image_dropped"] = float(report.num_unknown_image)
+        scalars["data/eval_gt/boxes_dropped"] = float(report.num_dropped)
+    return scalars
 
 
 def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) -> None:
@@ -324,6 +353,10 @@ def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) 
     else:
         dropped = sum(v for k, v in counts.items() if k.startswith("boxes_") and "dropped" in k)
         gt = f"{dropped} ground-truth boxes dropped"
+        if counts.get("boxes_over_max_dropped", 0):
+            # Without a json the ground truth is read from the eval batches, M rows per image.
+            gt += (f" ({counts['boxes_over_max_dropped']} of them beyond "
+                   "config.data.max_instances_per_image, the smallest: raise it to score them)")
     logging.info("eval data: %d images skipped as unreadable, %s; pipeline counts: %s",
                  counts.get("images_unreadable", 0), gt, data_counts.format_counts(counts))
 
