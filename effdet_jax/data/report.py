@@ -39,7 +39,13 @@ from typing import Any
 import ml_collections
 from PIL import Image
 
-from effdet_jax.data.box_rules import MAX_EXAMPLES, RULE_KEYS, as_int, sanitize_coco_dataset
+from effdet_jax.data.box_rules import (
+    MAX_EXAMPLES,
+    RULE_KEYS,
+    GroundTruthReport,
+    as_int,
+    sanitize_coco_dataset,
+)
 from effdet_jax.data.image_io import is_converted
 from effdet_jax.data.label_map import from_categories
 
@@ -171,6 +177,27 @@ def decoded_sizes(annotations_path: str, image_dir: str) -> dict[int, tuple[int,
     images, headers = _headers_of(_load_json(annotations_path), image_dir)
     return {as_int(im.get("id")): (h.height, h.width)
             for im, h in zip(images, headers, strict=True) if h.error is None}
+
+
+def eval_image_sizes(config: ml_collections.ConfigDict) -> dict[int, tuple[int, int]] | None:
+    """``decoded_sizes`` of the eval split for a COCO-json source (``config`` is
+    ``config.data``), else None: the sizes that clip the evaluation ground truth."""
+    if config.source != "coco_json":
+        return None
+    return decoded_sizes(config.eval_annotations, config.eval_images)
+
+
+def eval_scalars(gt_report: GroundTruthReport | None,
+                 counts: Mapping[str, int]) -> dict[str, float]:
+    """The data scalars of one evaluation: ``data/eval/<counter>`` (its pipeline's counts) and,
+    with a ground-truth json, ``data/eval_gt/<rule>`` (what the box rule did to it) plus
+    ``data/eval_gt/boxes_dropped`` (all annotations left out)."""
+    scalars = {f"data/eval/{k}": float(v) for k, v in counts.items()}
+    if gt_report is not None:
+        scalars.update({f"data/eval_gt/{k}": float(v) for k, v in gt_report.counts.items()})
+        scalars["data/eval_gt/boxes_unknown_image_dropped"] = float(gt_report.num_unknown_image)
+        scalars["data/eval_gt/boxes_dropped"] = float(gt_report.num_dropped)
+    return scalars
 
 
 def _json_size(image: Mapping[str, Any]) -> tuple[int, int] | None:

@@ -295,7 +295,7 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     config = exp.config
     pipeline = batches.eval_pipeline(config, exp.image_size)
     evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations,
-                                         image_sizes=_decoded_sizes(config.data))
+                                         image_sizes=data_report.eval_image_sizes(config.data))
     variables = exp.eval_variables(state)
     num_batches = pipeline.num_batches
     if config.eval.num_images is not None:
@@ -318,30 +318,10 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     _log_eval_data(evaluator, counts_total)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
-    writer.write_scalars(step, _eval_data_scalars(evaluator, counts_total))
+    writer.write_scalars(step, data_report.eval_scalars(evaluator.gt_report, counts_total))
     if summary_images is not None:
         writer.write_images(step, {"eval/detections": summary_images})
     return metrics
-
-
-def _decoded_sizes(data_config: ml_collections.ConfigDict) -> dict | None:
-    """The eval files' own sizes, which win over the json's for clipping its ground truth."""
-    if data_config.source != "coco_json":
-        return None
-    return data_report.decoded_sizes(data_config.eval_annotations, data_config.eval_images)
-
-
-def _eval_data_scalars(evaluator: evaluation.CocoEvaluator,
-                       counts: dict[str, int]) -> dict[str, float]:
-    """``data/eval/<counter>`` (the eval pipeline's counts) and ``data/eval_gt/<rule>`` (what
-    the box rule did to the ground-truth json) of one evaluation."""
-    scalars = {f"data/eval/{k}": float(v) for k, v in counts.items()}
-    report = evaluator.gt_report
-    if report is not None:
-        scalars.update({f"data/eval_gt/{k}": float(v) for k, v in report.counts.items()})
-        scalars["data/eval_gt/boxes_unknown_image_dropped"] = float(report.num_unknown_image)
-        scalars["data/eval_gt/boxes_dropped"] = float(report.num_dropped)
-    return scalars
 
 
 def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) -> None:
