@@ -21,7 +21,11 @@ so and their counts come from the pipeline alone.
 
 ``config.data.on_bad_data``: ``"report"`` logs one table per split and writes
 ``WORKDIR/data_report.json``; ``"error"`` also raises ``BadDataError`` naming the first bad file
-and the first bad annotation of the first split that has a problem.
+and the first bad annotation of the first split that has a problem (and the COCO-json source
+then raises on a file that fails to decode, instead of replacing it).
+
+Evaluation uses two more pieces from here: ``eval_image_sizes`` (the files' own sizes, which
+clip the ground-truth json) and ``eval_scalars`` (its ``data/eval*`` TensorBoard scalars).
 """
 
 from __future__ import annotations
