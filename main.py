@@ -48,11 +48,12 @@ def main(argv):
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
+    from effdet_jax.data.report import BadDataError
     from effdet_jax.data.sources import DataUnavailableError
 
     try:
         run_mode(config)
-    except DataUnavailableError as e:
+    except (DataUnavailableError, BadDataError) as e:
         # The message is the whole story (what is missing, how to get it): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)

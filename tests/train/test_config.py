@@ -77,6 +77,7 @@ def test_unknown_key_fails_naming_it():
         ("train.optimizer", "lamb", "sgd"),
         ("train.lr_schedule", "linear", "cosine"),
         ("train.nonfinite_policy", "ignore", "skip"),
+        ("data.on_bad_data", "warn", "'report', 'error'"),
         ("model.dtype", "float8", "bfloat16"),
         ("model.dtype", "float16", "loss scaling"),
         ("model.remat", "all", "blocks+heads"),
