@@ -9,9 +9,11 @@ Resuming (``restore_latest``) checks before reading any array:
 - the stored shapes against the model's (``CheckpointMismatchError`` names each variable path and
   both shapes: the checkpoint came from another architecture);
 - then restores the newest step; a step that fails to read (a damaged or missing data file) is
-  reported (step, file, variable, cause), moved aside to ``<checkpoints>_damaged/<step>`` (never
-  deleted; out of the manager's sight, so the run can write that step again) and the next older
-  step is tried. ``CheckpointRestoreError`` when none can be read.
+  reported (step, file, variable, cause) and the next older step is tried. Once one is restored,
+  the unreadable newer steps are moved to ``<checkpoints>_damaged/<step>`` (never deleted; out of
+  the manager's sight, so the run can write those steps again). When none can be read,
+  ``CheckpointRestoreError`` lists each step's cause and nothing is moved (a restart must not
+  start from scratch beside them).
 """
 
 import dataclasses
@@ -93,30 +95,38 @@ def restore_latest(manager: ocp.CheckpointManager, abstract_state: Any) -> tuple
     """(state, step) of the newest readable checkpoint, placed per ``abstract_state``'s
     shardings, or None when the directory holds no checkpoint.
 
-    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set. Unreadable
-    steps are reported and moved aside (module docstring); raises ``CheckpointMismatchError``
-    when a readable step's shapes differ from ``abstract_state``'s, ``CheckpointRestoreError``
-    when no step can be read.
+    ``abstract_state`` is a pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set. Each
+    unreadable step is reported; once an older one is restored, the unreadable newer ones are
+    moved aside (module docstring). Raises ``CheckpointMismatchError`` when a readable step's
+    shapes differ from ``abstract_state``'s, and ``CheckpointRestoreError`` (moving nothing) when
+    no step can be read.
     """
-    failures: list[str] = []
+    failed: list[tuple[int, str]] = []
     for step in sorted(manager.all_steps(), reverse=True):
         try:
             stored = stored_shapes(manager, step)
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001 - any failure to read is reported, then skipped
-            failures.append(_set_aside(manager, step, "metadata: " + describe_failure(e)))
+            failed.append(_report(manager, step, "metadata: " + describe_failure(e)))
             continue
         check_shapes(stored, abstract_state, f"{manager.directory}/{step}")
         try:
             state = restore(manager, abstract_state, step)
+        except MemoryError:
+            raise
         except Exception as e:  # noqa: BLE001
-            failures.append(_set_aside(manager, step, describe_failure(e)))
+            failed.append(_report(manager, step, describe_failure(e)))
             continue
-        if failures:
+        if failed:
+            for bad_step, _ in failed:
+                _set_aside(manager, bad_step)
             logging.warning("resuming from step %d, the newest readable checkpoint", step)
         return state, step
-    if failures:
+    if failed:
         raise CheckpointRestoreError(
-            f"no checkpoint in {manager.directory} can be read:\n  " + "\n  ".join(failures)
+            f"no checkpoint in {manager.directory} can be read (all are left in place):\n  "
+            + "\n  ".join(line for _, line in failed)
         )
     return None
 
@@ -252,22 +262,28 @@ def ocdbt_data_file(database: str, key: str) -> str | None:
     return None
 
 
-def _set_aside(manager: ocp.CheckpointManager, step: int, cause: str) -> str:
-    """Moves the unreadable ``step`` beside the checkpoint directory, logs why; returns the line."""
+def _report(manager: ocp.CheckpointManager, step: int, cause: str) -> tuple[int, str]:
+    """Logs why ``step`` cannot be restored; returns (step, the line)."""
+    line = f"step {step} ({manager.directory}/{step}) cannot be restored: {cause}"
+    logging.warning("checkpoint %s", line)
+    return step, line
+
+
+def _set_aside(manager: ocp.CheckpointManager, step: int) -> None:
+    """Moves the unreadable ``step`` to ``<checkpoints>_damaged/<step>`` (``.1``, ``.2``, ... if
+    taken), out of the manager's sight, so the run can write that step again."""
     source = os.path.join(str(manager.directory), str(step))
     aside = os.path.join(str(manager.directory) + DAMAGED_SUFFIX, str(step))
+    suffix = 0
+    while os.path.exists(aside + (f".{suffix}" if suffix else "")):
+        suffix += 1
+    aside += f".{suffix}" if suffix else ""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint {step} unreadable")
     if jax.process_index() == 0 and os.path.isdir(source):
         os.makedirs(os.path.dirname(aside), exist_ok=True)
-        suffix = 0
-        while os.path.exists(aside + (f".{suffix}" if suffix else "")):
-            suffix += 1
-        aside += f".{suffix}" if suffix else ""
         os.rename(source, aside)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"checkpoint {step} set aside")
     manager.reload()
-    line = f"step {step} ({source}) cannot be restored: {cause}; moved to {aside}, not deleted"
-    logging.warning("checkpoint %s", line)
-    return line
+    logging.warning("checkpoint step %d moved to %s (kept, not deleted)", step, aside)

@@ -145,9 +145,11 @@ def check_and_save(config: ml_collections.ConfigDict, workdir: str) -> None:
             logging.warning("resuming with config.%s changed: %r -> %r", key, old, new)
     if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
-        with open(path, "w") as f:
+        # Written beside, then renamed: another process reading it sees the old or the new file.
+        with open(path + ".tmp", "w") as f:
             json.dump(current, f, indent=2, sort_keys=True)
             f.write("\n")
+        os.replace(path + ".tmp", path)
 
 
 def _mismatch_message(workdir: str, changed: list[tuple]) -> str:
