@@ -174,7 +174,8 @@ def stored_shapes(manager: ocp.CheckpointManager, step: int) -> dict[str, tuple[
 
 def check_shapes(stored: dict[str, tuple[int, ...]], abstract_state: Any, where: str) -> None:
     """Raises ``CheckpointMismatchError`` naming every variable whose stored shape (or presence)
-    differs from ``abstract_state``'s."""
+    differs from ``abstract_state``'s; ``where`` is the step directory
+    (``WORKDIR/checkpoints/STEP``), whose workdir the message offers as ``init.checkpoint``."""
     wanted = shapes_by_path(abstract_state)
     lines = [
         f"{name}: checkpoint {stored[name]}, model {shape}"
