@@ -39,7 +39,7 @@ from effdet_jax.data import counts as data_counts
 from effdet_jax.data import report as data_report
 from effdet_jax.data.sources import check_available, make_source
 from effdet_jax.data.transforms import Normalization, denormalize_image
-from effdet_jax.train import batches, checkpointing, compile_cache, optimizer
+from effdet_jax.train import batches, checkpointing, compile_cache, optimizer, run_config
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
@@ -189,6 +189,8 @@ def train_and_evaluate(
 
     Returns the last eval metrics (empty without evaluation).
     """
+    maybe_initialize_distributed()
+    run_config.check_and_save(config, workdir)  # before anything is built
     exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
     primary = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
