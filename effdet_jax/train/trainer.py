@@ -190,6 +190,7 @@ def train_and_evaluate(
     Returns the last eval metrics (empty without evaluation).
     """
     maybe_initialize_distributed()
+    validate_config(config, num_devices=jax.device_count())  # only a valid config is saved
     run_config.check_and_save(config, workdir)  # before anything is built
     exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
     primary = jax.process_index() == 0
