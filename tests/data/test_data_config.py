@@ -16,7 +16,7 @@ def test_defaults_are_valid_and_documented():
     [
         ("source", "kitti", "config.data.source='kitti' is invalid; allowed: ('shapes', 'tfds'"),
         ("label_space", "coco91", "allowed: ('contiguous', 'coco90')"),
-        ("autoaugment_policy", "v3", "config.data.autoaugment_policy='v3'"),
+        ("autoaugment_policy", "v4", "config.data.autoaugment_policy='v4'"),
         ("jitter_min", 3.0, "0 < jitter_min <= jitter_max (2.0)"),
         ("max_instances_per_image", 0, "config.data.max_instances_per_image=0"),
         ("num_parallel_calls", 0, "-1 (AUTOTUNE) or >= 1"),
