@@ -46,3 +46,24 @@ def test_coco_json_needs_paths_and_shapes_seeds_differ():
     c.shapes.eval_seed = c.shapes.train_seed
     with pytest.raises(ValueError, match="shapes.eval_seed"):
         validate_data_config(c)
+
+
+def test_autoaugment_policies_are_automls_and_randaug_takes_no_extra_layers():
+    c = default_data_config()
+    for policy in ("", "v0", "v1", "v2", "v3", "randaug"):
+        c.autoaugment_policy = policy
+        validate_data_config(c)
+    c.autoaugment_policy = "v4"
+    with pytest.raises(ValueError, match=r"allowed: \('', 'v0', 'v1', 'v2', 'v3', 'randaug'\)"):
+        validate_data_config(c)
+    c.autoaugment_policy = "randaug"
+    c.randaugment_layers = 2
+    with pytest.raises(ValueError, match="randaugment_layers=2 is invalid; allowed: 0 with "
+                                         "autoaugment_policy='randaug'"):
+        validate_data_config(c)
+    c.autoaugment_policy = ""
+    c.randaugment_magnitude = 15  # automl's RandAugment magnitude
+    validate_data_config(c)
+    c.randaugment_magnitude = 31
+    with pytest.raises(ValueError, match="randaugment_magnitude=31 is invalid; allowed: 0..30"):
+        validate_data_config(c)
