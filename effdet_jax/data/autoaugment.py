@@ -12,7 +12,7 @@ op                       argument
 ======================== ===========================================================
 AutoContrast, Equalize   none
 Posterize                bits ``int(L * 4)``
-Solarize                 threshold ``int(L * 256)``
+Solarize                 threshold ``int(L * 256)`` mod 256 (automl compares in uint8)
 SolarizeAdd              addition ``int(L * 110)`` (threshold 128)
 Color/Contrast/          factor ``L * 1.8 + 0.1``
 Brightness/Sharpness
@@ -50,6 +50,7 @@ from effdet_jax.data.autoaugment_policies import (
     RANDAUGMENT_OPS,
 )
 
+# automl's ``augmentation_hparams`` (cutout_bbox_replace_with_mean=False: cutouts fill 128).
 TRANSLATE_CONST = 250.0
 TRANSLATE_BBOX_CONST = 120.0
 CUTOUT_CONST = 100.0
@@ -58,6 +59,7 @@ CUTOUT_MAX_PAD_FRACTION = 0.75
 
 
 def enhance_factor(level: float) -> float:
+    """Colour / Contrast / Brightness / Sharpness blend factor: 0.1 at level 0, 1.9 at 10."""
     return level / MAX_LEVEL * 1.8 + 0.1
 
 
@@ -197,7 +199,8 @@ def apply_step(name: str, prob: float, level: float, image: tf.Tensor, boxes: tf
     return tf.cond(tf.random.stateless_uniform([], gate_seed) < prob, run, lambda: (image, boxes))
 
 
-def autoaugment(image: tf.Tensor, boxes: tf.Tensor, policy: str, seed: tf.Tensor):
+def autoaugment(image: tf.Tensor, boxes: tf.Tensor, policy: str, seed: tf.Tensor
+                ) -> tuple[tf.Tensor, tf.Tensor]:
     """One sub-policy of ``POLICIES[policy]``, drawn uniformly, run step by step."""
     sub_policies = POLICIES[policy]
     choice_seed, steps_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
@@ -216,7 +219,7 @@ def autoaugment(image: tf.Tensor, boxes: tf.Tensor, policy: str, seed: tf.Tensor
 
 
 def randaugment(image: tf.Tensor, boxes: tf.Tensor, num_layers: int, magnitude: float,
-                seed: tf.Tensor):
+                seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
     """``num_layers`` times: one op of ``RANDAUGMENT_OPS``, drawn uniformly, at ``magnitude``."""
     for layer in range(num_layers):
         layer_seed = tf.random.experimental.stateless_fold_in(seed, layer)

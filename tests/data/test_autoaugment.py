@@ -140,6 +140,19 @@ def test_enhance_level_to_factor():
     assert [A.enhance_factor(level) for level in (0, 5, 10)] == pytest.approx([0.1, 1.0, 1.9])
 
 
+@pytest.mark.parametrize("name,level,arg", [
+    ("Posterize", 8, 3), ("Posterize", 2, 0), ("Solarize", 6, 153), ("SolarizeAdd", 4, 44),
+    ("Color", 6, 1.18), ("Sharpness", 2, 0.46), ("Cutout", 8, 80), ("BBox_Cutout", 4, 0.3),
+    ("TranslateX_BBox", 4, 100), ("TranslateY_BBox", 6, 150), ("ShearX_BBox", 10, 0.3),
+    ("ShearY_Only_BBoxes", 2, 0.06), ("Rotate_BBox", 8, 24), ("TranslateY_Only_BBoxes", 6, 72),
+    ("Cutout_Only_BBoxes", 6, 30), ("Solarize_Only_BBoxes", 8, 204), ("Equalize", 10, 0),
+])
+def test_level_to_arg_is_automls(name, level, arg):
+    """automl's level_to_arg by hand (L = level / 10): int(L*4), int(L*256), int(L*110),
+    L*1.8+0.1, int(L*100), L*0.75, L*250, L*0.3, L*30, L*120, int(L*50) (before the sign)."""
+    assert A.level_to_arg(name, level) == pytest.approx(arg)
+
+
 # ---------------------------------------------------------------- colour ops
 
 
