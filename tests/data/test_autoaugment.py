@@ -153,6 +153,15 @@ def test_level_to_arg_is_automls(name, level, arg):
     assert A.level_to_arg(name, level) == pytest.approx(arg)
 
 
+@pytest.mark.parametrize("name", sorted(A.OPS))
+def test_no_op_is_the_identity(name):
+    """Every op changes a noise image of values 30..157 (or its boxes) at level 6 (box-only ops
+    on every box), so none is a placeholder. Each op's values are checked below."""
+    image = NOISE // 2 + 30
+    out, bx = _op(name, image, TWO_BOXES, 6, seed=1, prob=3.0)
+    assert not (np.array_equal(out, image) and np.array_equal(bx, TWO_BOXES)), name
+
+
 # ---------------------------------------------------------------- colour ops
 
 
