@@ -1,4 +1,4 @@
-"""``main.py`` with automl's AutoAugment: a run with ``--config.data.autoaugment_policy=v1``
+"""``main.py`` with automl's AutoAugment: a run with ``--config.data.autoaugment_policy=v0``
 trains (the policy's ops run inside the tf.data pipeline of the training batches) and a policy
 automl does not have stops the run before anything is built, naming the allowed ones."""
 
@@ -9,7 +9,7 @@ from train_helpers import ROOT, main_command, subprocess_env
 
 
 def test_train_with_autoaugment_policy(tmp_path):
-    cmd = main_command(tmp_path / "run", "--config.data.autoaugment_policy=v1",
+    cmd = main_command(tmp_path / "run", "--config.data.autoaugment_policy=v0",
                        "--config.train.total_steps=2", "--config.eval.num_summary_images=0")
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True,
                          timeout=600)
