@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from effdet_jax.data.autoaugment_policies import POLICY_NAMES as AUTOAUGMENT_POLICIES
 from effdet_jax.data.label_map import LABEL_SPACES
 from effdet_jax.data.sources import SOURCES
 
-AUTOAUGMENT_POLICIES = ("", "v0")
+RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -43,9 +44,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         ``min_objects``/``max_objects`` per image.
       hflip: random horizontal flip in training.
       jitter_min / jitter_max: scale-jitter range (fraction of the target size) in training.
-      autoaugment_policy: ``""`` (off) or ``"v0"`` (automl's detection policy v0; see
-        ``effdet_jax/data/autoaugment.py`` for the implemented ops).
-      randaugment_layers / randaugment_magnitude: RandAugment (0 layers = off), magnitude 0..10.
+      autoaugment_policy: ``""`` (off), ``"v0"`` .. ``"v3"`` (automl's AutoAugment detection
+        policies) or ``"randaug"`` (automl's RandAugment call: 1 layer, magnitude 15); see
+        ``effdet_jax/data/autoaugment.py``. Off in automl's hparams and here.
+      randaugment_layers / randaugment_magnitude: extra RandAugment layers after the policy
+        (0 layers = off) at a magnitude on automl's 0..10 level scale (up to 30; automl's
+        ``"randaug"`` uses 15).
       shuffle_buffer: examples in the shuffle buffer (training).
       seed: base seed of shuffling and augmentation (same seed + step -> same batches).
       num_parallel_calls: tf.data map parallelism (``-1``: AUTOTUNE).
@@ -142,8 +146,13 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
               f"0 < jitter_min <= jitter_max ({config.jitter_max})")
     if not 0 <= config.randaugment_layers <= 10:
         _fail("randaugment_layers", config.randaugment_layers, "0..10")
-    if not 0 <= config.randaugment_magnitude <= 10:
-        _fail("randaugment_magnitude", config.randaugment_magnitude, "0..10")
+    if not 0 <= config.randaugment_magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
+        _fail("randaugment_magnitude", config.randaugment_magnitude,
+              f"0..{RANDAUGMENT_MAX_MAGNITUDE}")
+    if config.autoaugment_policy == "randaug" and config.randaugment_layers:
+        _fail("randaugment_layers", config.randaugment_layers,
+              "0 with autoaugment_policy='randaug' (which is 1 layer at magnitude 15); for other "
+              "layers/magnitude set autoaugment_policy='' and randaugment_layers/_magnitude")
     if config.shuffle_buffer < 1:
         _fail("shuffle_buffer", config.shuffle_buffer, ">= 1")
     if config.num_parallel_calls == 0 or config.num_parallel_calls < -1:
