@@ -53,12 +53,16 @@ def main(argv):
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
+    from effdet_jax.data.report import BadDataError
     from effdet_jax.data.sources import DataUnavailableError
+    from effdet_jax.train.checkpointing import CheckpointMismatchError, CheckpointRestoreError
+    from effdet_jax.train.run_config import ConfigMismatchError
 
     try:
         run_mode(config)
-    except DataUnavailableError as e:
-        # The message is the whole story (what is missing, how to get it): no traceback.
+    except (DataUnavailableError, BadDataError, ConfigMismatchError, CheckpointMismatchError,
+            CheckpointRestoreError) as e:
+        # The message is the whole story (what is wrong or missing, the ways out): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)
 

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from effdet_jax.data.autoaugment_policies import POLICY_NAMES as AUTOAUGMENT_POLICIES
 from effdet_jax.data.label_map import LABEL_SPACES
 from effdet_jax.data.sources import SOURCES
 
-AUTOAUGMENT_POLICIES = ("", "v0")
+RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -31,7 +32,11 @@ def default_data_config() -> ml_collections.ConfigDict:
         json is relative to them.
       label_space: ``"contiguous"`` (label = index of the category in the sorted id list) or
         ``"coco90"`` (label = category_id - 1, 90 logits, as automl's official checkpoints).
-      max_instances_per_image: M, boxes per image in a batch; extra ones are dropped and counted.
+      max_instances_per_image: M, boxes per image in a batch; beyond M the largest M are kept
+        (``transforms.pad_to_max``) and the rest counted (``boxes_over_max_dropped``).
+      on_bad_data: ``"report"`` (fix or drop bad files and boxes, count them, write
+        ``WORKDIR/data_report.json``) or ``"error"`` (stop at start-up naming the first bad file
+        and annotation); values in ``data/report.ON_BAD_DATA``.
       skip_crowd_during_training: drop crowd boxes from training examples (as automl);
         ``False`` keeps them with class ``-2``. Eval always keeps them as ``-2``.
       shapes.*: the synthetic set: ``num_train``/``num_eval`` images, ``train_seed``/``eval_seed``,
@@ -39,9 +44,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         ``min_objects``/``max_objects`` per image.
       hflip: random horizontal flip in training.
       jitter_min / jitter_max: scale-jitter range (fraction of the target size) in training.
-      autoaugment_policy: ``""`` (off) or ``"v0"`` (automl's detection policy v0; see
-        ``effdet_jax/data/autoaugment.py`` for the implemented ops).
-      randaugment_layers / randaugment_magnitude: RandAugment (0 layers = off), magnitude 0..10.
+      autoaugment_policy: ``""`` (off), ``"v0"`` .. ``"v3"`` (automl's AutoAugment detection
+        policies) or ``"randaug"`` (automl's RandAugment call: 1 layer, magnitude 15); see
+        ``effdet_jax/data/autoaugment.py``. Off in automl's hparams and here.
+      randaugment_layers / randaugment_magnitude: extra RandAugment layers after the policy
+        (0 layers = off) at a magnitude on automl's 0..10 level scale (up to 30; automl's
+        ``"randaug"`` uses 15).
       shuffle_buffer: examples in the shuffle buffer (training).
       seed: base seed of shuffling and augmentation (same seed + step -> same batches).
       num_parallel_calls: tf.data map parallelism (``-1``: AUTOTUNE).
@@ -61,6 +69,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.label_space = "contiguous"
     c.max_instances_per_image = 100
     c.skip_crowd_during_training = True
+    c.on_bad_data = "report"
 
     c.shapes = ml_collections.ConfigDict()
     c.shapes.num_train = 2000
@@ -137,8 +146,13 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
               f"0 < jitter_min <= jitter_max ({config.jitter_max})")
     if not 0 <= config.randaugment_layers <= 10:
         _fail("randaugment_layers", config.randaugment_layers, "0..10")
-    if not 0 <= config.randaugment_magnitude <= 10:
-        _fail("randaugment_magnitude", config.randaugment_magnitude, "0..10")
+    if not 0 <= config.randaugment_magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
+        _fail("randaugment_magnitude", config.randaugment_magnitude,
+              f"0..{RANDAUGMENT_MAX_MAGNITUDE}")
+    if config.autoaugment_policy == "randaug" and config.randaugment_layers:
+        _fail("randaugment_layers", config.randaugment_layers,
+              "0 with autoaugment_policy='randaug' (which is 1 layer at magnitude 15); for other "
+              "layers/magnitude set autoaugment_policy='' and randaugment_layers/_magnitude")
     if config.shuffle_buffer < 1:
         _fail("shuffle_buffer", config.shuffle_buffer, ">= 1")
     if config.num_parallel_calls == 0 or config.num_parallel_calls < -1:

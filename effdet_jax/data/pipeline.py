@@ -153,6 +153,7 @@ def train_example(
     if config.autoaugment_policy or config.randaugment_layers:
         from effdet_jax.data import autoaugment
 
+        # uint8 image and [N,4] yxyx boxes normalised to it, as automl's dataloader passes them.
         image, boxes = autoaugment.distort(
             image, boxes, seeds[0], policy=config.autoaugment_policy,
             randaugment_layers=config.randaugment_layers,
