@@ -85,7 +85,6 @@ def test_library_lines_config_and_tables_go_to_the_log_file(trained):
         assert float(m["loss"]) == pytest.approx(logged, abs=1e-4)
     config = (workdir / "config.yaml").read_text()
     assert f"total_steps: {TOTAL}" in config and "num_classes: 4" in config
-    assert not (workdir / "config.json").exists()  # that name belongs to resuming
 
 
 def test_verbosity_puts_library_info_on_the_console(trained):
