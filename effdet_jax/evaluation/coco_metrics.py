@@ -301,8 +301,10 @@ class CocoEvaluator:
             return {k: 0.0 for k in METRIC_NAMES}
         missing = set(image_ids) - set(gt.getImgIds())
         if missing:
-            raise ValueError(f"{len(missing)} image ids are not in the ground truth "
-                             f"{self.gt_annotations}: e.g. {sorted(missing)[:5]}")
+            raise ValueError(f"{len(missing)} of the {len(image_ids)} evaluated image ids are not "
+                             f"in the ground truth {self.gt_annotations}: e.g. "
+                             f"{sorted(missing)[:5]}; is it the json of the eval split "
+                             "(config.data.eval_annotations / eval_split)?")
         with contextlib.redirect_stdout(io.StringIO()):
             dt = gt.loadRes(copy.deepcopy(self._detections))
             ev = COCOeval(gt, dt, iouType="bbox")

@@ -2,11 +2,15 @@
 
 ``finish_evaluation`` scores a filled ``CocoEvaluator`` and, on the writing process, writes
 
-* ``<results_dir>/detections_step<N>.json``: every detection in the COCO submission format
-  ``[{"image_id", "category_id", "bbox": [x, y, width, height], "score"}]``, original-image
-  pixels and the dataset's category ids (what ``loadRes`` and the COCO evaluation server read);
-* ``<results_dir>/metrics_step<N>.json``: the metrics and the per-class rows (empty when there
-  was no ground truth, with the reason);
+* ``<results_dir>/detections_<split>_step<N>.json``: every detection in the COCO submission
+  format ``[{"image_id", "category_id", "bbox": [x, y, width, height], "score"}]``,
+  original-image pixels and the dataset's category ids (what ``loadRes`` and the COCO evaluation
+  server read);
+* ``<results_dir>/metrics_<split>_step<N>.json``: the metrics and the per-class rows (empty when
+  there was no ground truth, with the reason);
+
+``<split>`` (``split_tag``) names the evaluated data, so evaluating test-dev and val2017 at the
+same step keeps both files;
 
 then logs one block: the summary metrics and the per-class table (AP, AP50, AP75, APs, APm, APl
 and the number of ground-truth boxes of each category).
@@ -18,6 +22,9 @@ import dataclasses
 import json
 import logging
 import os
+import re
+
+import ml_collections
 
 from effdet_jax.evaluation.coco_metrics import ClassAP, CocoEvaluator
 
@@ -33,9 +40,24 @@ _SUMMARY_LINES: tuple[tuple[tuple[str, str], ...], ...] = (
 _CLASS_COLUMNS: tuple[str, ...] = ("ap", "ap50", "ap75", "aps", "apm", "apl")
 
 
-def results_path(results_dir: str, step: int) -> str:
-    """Where the COCO results json of the evaluation at ``step`` goes."""
-    return os.path.join(results_dir, f"detections_step{step}.json")
+def split_tag(data_config: ml_collections.ConfigDict) -> str:
+    """A file-name word for the evaluated data of ``config.data``: tfds' ``eval_split`` (with
+    ``test-dev`` where an image-info json restricts it), a COCO-json folder's annotation file
+    name, or the source name."""
+    if data_config.source == "tfds":
+        tag = data_config.eval_split
+        if data_config.eval_image_info:
+            tag += "-" + os.path.basename(data_config.eval_image_info).removesuffix(".json")
+    elif data_config.source == "coco_json":
+        tag = os.path.basename(data_config.eval_annotations).removesuffix(".json")
+    else:
+        tag = data_config.source
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", tag)
+
+
+def results_path(results_dir: str, tag: str, step: int) -> str:
+    """Where the COCO results json of the evaluation of ``tag`` at ``step`` goes."""
+    return os.path.join(results_dir, f"detections_{tag}_step{step}.json")
 
 
 def _value(v: float) -> str:
@@ -77,16 +99,16 @@ def format_report(step: int, evaluator: CocoEvaluator, metrics: dict[str, float]
 
 
 def finish_evaluation(evaluator: CocoEvaluator, step: int, results_dir: str | None,
-                      write_files: bool = True) -> dict[str, float]:
+                      tag: str = "eval", write_files: bool = True) -> dict[str, float]:
     """Scores ``evaluator`` (``{}`` without ground truth), writes the results and metrics json
-    to ``results_dir`` when ``write_files`` (the writing process) and ``results_dir`` is set,
-    and logs the evaluation block. Returns the metrics."""
+    of ``tag`` (``split_tag``) to ``results_dir`` when ``write_files`` (the writing process) and
+    ``results_dir`` is set, and logs the evaluation block. Returns the metrics."""
     metrics = evaluator.evaluate()
     if write_files and results_dir:
         os.makedirs(results_dir, exist_ok=True)
-        path = results_path(results_dir, step)
+        path = results_path(results_dir, tag, step)
         evaluator.write_results(path)
-        with open(os.path.join(results_dir, f"metrics_step{step}.json"), "w") as f:
+        with open(os.path.join(results_dir, f"metrics_{tag}_step{step}.json"), "w") as f:
             json.dump({"step": step, "ground_truth": evaluator.gt_annotations,
                        "skipped": evaluator.skipped, "metrics": metrics,
                        "per_class": [dataclasses.asdict(r) for r in evaluator.class_rows]},

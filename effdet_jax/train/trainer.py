@@ -314,6 +314,7 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int,
                                    pipeline.label_map.class_names(), pipeline.normalization)
     pylogging.getLogger("effdet_jax.evaluation.coco_metrics").setLevel(pylogging.WARNING)
     metrics = eval_report.finish_evaluation(evaluator, step, results_dir,
+                                            eval_report.split_tag(config.data),
                                             write_files=jax.process_index() == 0)
     _log_eval_data(evaluator, counts_total)
     if metrics:  # the per-class APs are in the table and metrics json, not 80 more scalars

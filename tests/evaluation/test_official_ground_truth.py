@@ -155,14 +155,14 @@ def test_image_info_json_writes_results_and_skips_metrics(tmp_path, caplog):
     evaluator = CocoEvaluator(from_categories(CATEGORIES, "coco90"), info_path, per_class=True)
     _feed_results(evaluator, RESULTS)
     with caplog.at_level(logging.INFO):
-        metrics = report.finish_evaluation(evaluator, 7, str(tmp_path / "eval"))
+        metrics = report.finish_evaluation(evaluator, 7, str(tmp_path / "eval"), "test-dev")
     assert metrics == {}
     assert "no 'annotations' list" in evaluator.skipped
     assert "metrics skipped" in caplog.text and "no metrics:" in caplog.text
-    written = json.loads((tmp_path / "eval" / "detections_step7.json").read_text())
+    written = json.loads((tmp_path / "eval" / "detections_test-dev_step7.json").read_text())
     assert len(written) == len(RESULTS)
     assert {r["image_id"] for r in written} == {im["id"] for im in IMAGES}
-    saved = json.loads((tmp_path / "eval" / "metrics_step7.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "metrics_test-dev_step7.json").read_text())
     assert saved["metrics"] == {} and saved["skipped"] == evaluator.skipped
 
 
@@ -171,7 +171,7 @@ def test_report_block_and_per_class_table(tmp_path, caplog):
     evaluator = CocoEvaluator(from_categories(CATEGORIES, "coco90"), gt_path)
     _feed_results(evaluator, RESULTS)
     with caplog.at_level(logging.INFO):
-        metrics = report.finish_evaluation(evaluator, 12, str(tmp_path / "eval"))
+        metrics = report.finish_evaluation(evaluator, 12, str(tmp_path / "eval"), "val")
     block = report.format_report(12, evaluator, metrics)
     assert block in caplog.text
     lines = block.splitlines()
@@ -184,7 +184,7 @@ def test_report_block_and_per_class_table(tmp_path, caplog):
     dog = next(r for r in evaluator.class_rows if r.name == "dog")
     assert table["dog"][0] == "18" and table["dog"][2] == "2"
     assert table["dog"][3] == f"{dog.ap:.3f}" and table["dog"][4] == f"{dog.ap50:.3f}"
-    saved = json.loads((tmp_path / "eval" / "metrics_step12.json").read_text())
+    saved = json.loads((tmp_path / "eval" / "metrics_val_step12.json").read_text())
     assert saved["metrics"]["AP"] == metrics["AP"]
     assert [r["name"] for r in saved["per_class"]] == ["person", "train", "dog"]
 

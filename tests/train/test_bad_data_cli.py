@@ -70,7 +70,7 @@ def test_train_and_eval_survives_malformed_annotations(tmp_path):
                          timeout=900)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
-    assert "eval at step 2: {'AP': " in log, log[-4000:]
+    assert "evaluation at step 2: 3 images" in log and "\n  AP  " in log, log[-4000:]
     # The eval ground truth: 5 malformed, 1 unknown category, 1 zero area after clipping, out of
     # 3 good + 1 crowd + 9 bad = 13 annotations; the inverted and the clipped ones are fixed.
     assert "7 ground-truth boxes dropped [6 of 13 ground-truth boxes kept (7 dropped)" in log

@@ -118,10 +118,10 @@ def _listed(ids: list[int]):
 
 
 def _count_listed(builder: tfds.core.DatasetBuilder, split_name: str, ids: list[int]) -> int:
-    """Examples of ``split_name`` whose ``image/id`` is in ``ids``, read without decoding images
-    (the eval pipeline pads to whole batches from this count, so it is exact)."""
+    """Examples of ``split_name`` whose ``image/id`` is in ``ids``, decoding only the ids (the
+    eval pipeline pads to whole batches from this count, so it is exact)."""
     ds = builder.as_dataset(split=split_name, shuffle_files=False,
-                            decoders={"image": tfds.decode.SkipDecoding()},
+                            decoders=tfds.decode.PartialDecoding({"image/id": True}),
                             read_config=tfds.ReadConfig(try_autocache=False))
     return _count(ds.filter(_listed(ids)))
 
