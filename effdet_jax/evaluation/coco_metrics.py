@@ -15,9 +15,10 @@ for a results file.
 
 Detections are collected per batch in original-image pixels (clipped to the image when its size
 is known), written as a COCO results json (``[{image_id, category_id, bbox: [x, y, w, h],
-score}]``, dataset category ids), and scored with ``COCOeval`` on the images that were fed
-(``image_id == -1`` is skipped). ``class_rows`` holds per-category AP, AP50, AP75, APs, APm, APl
-from ``COCOeval.eval["precision"]`` after ``evaluate``.
+score}]``, dataset category ids; a detection in a head slot without a category, such as the
+unused slots of automl's 90-slot layout, is left out and counted), and scored with ``COCOeval``
+on the images that were fed (``image_id == -1`` is skipped). ``class_rows`` holds per-category
+AP, AP50, AP75, APs, APm, APl from ``COCOeval.eval["precision"]`` after ``evaluate``.
 
 Multi-host: COCO AP does not decompose over shards; gather every process' detections (and built
 ground truth) to one process before ``evaluate``.
@@ -134,6 +135,8 @@ class CocoEvaluator:
         self._gt_images: dict[int, dict] = {}
         self._gt_annotations: list[dict] = []
         self._image_ids: set[int] = set()
+        # Detections in a head slot that maps to no category of the label map (left out).
+        self.num_without_category = 0
 
     def add_detections(
         self,
@@ -170,7 +173,11 @@ class CocoEvaluator:
                 yxyx = np.clip(yxyx, 0.0, np.array([h, w, h, w]))
             xywh = yxyx_to_xywh(yxyx)
             cats = self.label_map.category_of_labels(classes[b, :n].astype(np.int64))
-            for k in range(n):
+            # A 90-slot head also scores the 10 slots COCO leaves unused (ids 12, 26, ...):
+            # those detections name no category, so no results file can hold them.
+            known = np.isin(cats, self.label_map.category_ids)
+            self.num_without_category += int(n - known.sum())
+            for k in np.flatnonzero(known):
                 self._detections.append({
                     "image_id": int(iid),
                     "category_id": int(cats[k]),

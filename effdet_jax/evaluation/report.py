@@ -89,6 +89,9 @@ def format_report(step: int, evaluator: CocoEvaluator, metrics: dict[str, float]
     source = evaluator.gt_annotations or "ground truth built from the eval batches"
     head = (f"evaluation at step {step}: {len(evaluator.image_ids)} images, "
             f"{len(evaluator.detections)} detections, ground truth: {source}")
+    if evaluator.num_without_category:
+        head += (f"\n  {evaluator.num_without_category} detections in head slots without a "
+                 "category (e.g. COCO's unused ids in the 90-slot layout) left out")
     if not metrics:
         return f"{head}\n  no metrics: {evaluator.skipped}"
     parts = [head, format_summary(metrics)]

@@ -131,6 +131,18 @@ def test_official_metric_equals_pycocotools_on_the_same_json_and_results(tmp_pat
         np.testing.assert_allclose(ours["bbox"], theirs["bbox"], atol=1e-3)
 
 
+def test_detections_in_slots_without_a_category_are_left_out_and_counted(tmp_path):
+    """automl's 90-slot head also scores COCO's unused ids (12, 26, ...): no category, no entry."""
+    evaluator = CocoEvaluator(from_categories(CATEGORIES, "coco90"), _write_json(tmp_path))
+    boxes = np.array([[[10, 10, 40, 40], [10, 10, 40, 40], [0, 0, 20, 20]]], np.float32)
+    evaluator.add_detections(np.array([397133]), boxes, np.array([[0.9, 0.8, 0.7]]),
+                             np.array([[0, 11, 25]]), np.array([3]))  # ids 1, 12, 26
+    assert [r["category_id"] for r in evaluator.detections] == [1]
+    assert evaluator.num_without_category == 2
+    block = report.format_report(1, evaluator, {})
+    assert "2 detections in head slots without a category" in block
+
+
 def test_json_areas_decide_the_size_ranges_not_the_boxes(tmp_path):
     """The same boxes with box areas (what a rebuilt ground truth has) give other APs/APm/APl:
     the json path really reads the json's areas."""
