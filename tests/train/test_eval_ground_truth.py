@@ -121,7 +121,9 @@ def test_main_writes_the_results_file_in_original_pixels(tmp_path):
     64-px input and not square): the results file of the evaluation maps back to the json's image
     ids, category ids and original pixels, and the log shows the AP block and per-class table."""
     rng = np.random.default_rng(0)
-    categories = [{"id": 3, "name": "car"}, {"id": 17, "name": "cat"}, {"id": 44, "name": "bottle"}]
+    # Four categories (tiny's head size, so its compiled step is shared); "toothbrush" has no box.
+    categories = [{"id": 3, "name": "car"}, {"id": 17, "name": "cat"}, {"id": 44, "name": "bottle"},
+                  {"id": 90, "name": "toothbrush"}]
     images_dir = tmp_path / "images"
     images_dir.mkdir()
     images, annotations = [], []
@@ -143,7 +145,6 @@ def test_main_writes_the_results_file_in_original_pixels(tmp_path):
         "--config.data.source=coco_json",
         f"--config.data.train_annotations={ann_path}", f"--config.data.train_images={images_dir}",
         f"--config.data.eval_annotations={ann_path}", f"--config.data.eval_images={images_dir}",
-        "--config.model.num_classes=3",
         "--config.train.total_steps=2",
         "--config.eval.num_summary_images=0",
     )
@@ -153,13 +154,14 @@ def test_main_writes_the_results_file_in_original_pixels(tmp_path):
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
     results = json.loads((workdir / "eval" / "detections_instances_step2.json").read_text())
-    _check_submission(results, images, {3, 17, 44})
+    _check_submission(results, images, {3, 17, 44, 90})
     assert {r["image_id"] for r in results} <= {im["id"] for im in images}
     # De-scaled: the network sees 64 px, the boxes are in the originals' 90..260 px.
     assert max(r["bbox"][0] + r["bbox"][2] for r in results) > 64
     assert f"evaluation at step 2: 8 images, {len(results)} detections, ground truth: " \
            f"{ann_path}" in log, log[-4000:]
-    table = log[log.index("per-class AP"):].splitlines()[1:5]
+    table = log[log.index("per-class AP"):].splitlines()[1:6]
     assert table[0].split()[:4] == ["id", "class", "gt", "AP"], table
-    assert [line.split()[:3] for line in table[1:]] == [["3", "car", "5"], ["17", "cat", "6"],
-                                                        ["44", "bottle", "5"]], table
+    assert [line.split()[:3] for line in table[1:]] == [
+        ["3", "car", "5"], ["17", "cat", "6"], ["44", "bottle", "5"], ["90", "toothbrush", "0"]]
+    assert table[4].split()[3:] == ["-"] * 6  # no ground truth: no AP
