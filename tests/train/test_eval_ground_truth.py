@@ -87,6 +87,10 @@ def test_tfds_eval_uses_the_official_json_and_test_dev_skips_metrics(tmp_path, m
         metrics = trainer.train_and_evaluate(config, str(workdir))
 
         # test-dev: the first 3 images of the mock test split, listed in an image-info json.
+        # (The source counts the listed images with tfds' PartialDecoding, reading only ids; the
+        # mock draws other random examples for a partial decode, so here that count, and the
+        # warning about unlisted images, do not describe the mock split: this test checks which
+        # images are evaluated and written, tests/data/sources/test_tfds_eval_files.py the filter.)
         test_dev = _mock_split_json(builder, "test", info_json, with_annotations=False, keep=3)
         config.data.eval_split = "test"
         config.data.eval_annotations = ""
