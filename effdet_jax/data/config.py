@@ -27,7 +27,15 @@ def default_data_config() -> ml_collections.ConfigDict:
       tfds_data_dir: tfds data dir (``None``: tfds' default, ``~/tensorflow_datasets``).
       train_split / eval_split: split names of the tfds dataset (tfds slicing allowed,
         e.g. ``"train[:10%]"``).
-      train_annotations / eval_annotations: COCO json files for ``source="coco_json"``.
+      train_annotations / eval_annotations: COCO json files for ``source="coco_json"``. With
+        ``source="tfds"``, ``eval_annotations`` may name the official ground truth of the eval
+        split (``instances_val2017.json``): evaluation then scores against it (its ``area``,
+        ``iscrowd``, image sizes) instead of boxes rebuilt from the tfds examples, matched by
+        ``image/id``.
+      eval_image_info: ``source="tfds"`` only: a COCO image-info json (``images`` with ids, e.g.
+        ``image_info_test-dev2017.json``); the eval split is restricted to the images it lists
+        (test-dev is the part of tfds' ``test`` split it lists). Without ``eval_annotations``
+        there is no ground truth: evaluation writes the results file and skips the metrics.
       train_images / eval_images: image folders for ``source="coco_json"``; ``file_name`` in the
         json is relative to them.
       label_space: ``"contiguous"`` (label = index of the category in the sorted id list) or
@@ -66,6 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.train_images = ""
     c.eval_annotations = ""
     c.eval_images = ""
+    c.eval_image_info = ""
     c.label_space = "contiguous"
     c.max_instances_per_image = 100
     c.skip_crowd_during_training = True
@@ -137,6 +146,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         for key in ("train_annotations", "train_images", "eval_annotations", "eval_images"):
             if not config[key]:
                 _fail(key, config[key], "a path (required when source='coco_json')")
+    if config.eval_image_info and config.source != "tfds":
+        _fail("eval_image_info", config.eval_image_info,
+              "'' unless source='tfds' (for a COCO-json folder, set eval_annotations to the "
+              "image-info json itself and eval_images to its image folder)")
     if config.source == "tfds" and not config.tfds_name:
         _fail("tfds_name", config.tfds_name, "a tfds name such as 'coco/2017' or 'voc/2007'")
     if not 1 <= config.max_instances_per_image <= 10000:

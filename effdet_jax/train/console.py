@@ -4,7 +4,8 @@
 shows only
 
 - the lines of ``say``: one per ``log_every_steps`` (``Progress.line``: step, loss and its
-  parts, learning rate, steps/s, ETA), the evaluation block, and a few start-up facts;
+  parts, learning rate, steps/s, ETA), the evaluation's data line, and a few start-up facts;
+- the evaluation block (``effdet_jax.evaluation.report``'s INFO records);
 - warnings and errors, from any logger, in absl's format.
 
 Every log record at absl's verbosity (INFO by default: orbax, jax, clu's parameter overview and
@@ -43,6 +44,9 @@ import ml_collections
 from absl import logging as absl_logging
 
 LOGGER_NAME = "effdet_jax.console"
+# Loggers whose INFO records are console lines: ``say``'s, and the evaluation block's
+# (``effdet_jax.evaluation.report``, which does not depend on the trainer).
+CONSOLE_LOGGERS = (LOGGER_NAME, "effdet_jax.evaluation.report")
 LOG_FILE = "log.txt"
 # ``WORKDIR/config.json`` belongs to resuming; this one is for people to read.
 CONFIG_FILE = "config.yaml"
@@ -69,10 +73,10 @@ def log_file_name(process_index: int) -> str:
 
 
 class _NotConsole(logging.Filter):
-    """Keeps ``say`` lines off absl's stderr handler: the console handler prints them bare."""
+    """Keeps console lines off absl's stderr handler: the console handler prints them bare."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.name.startswith(LOGGER_NAME)
+        return record.name not in CONSOLE_LOGGERS
 
 
 class _WorkdirFileHandler(logging.Handler):
@@ -146,8 +150,9 @@ def setup(workdir: str | None, library_info: bool = False) -> None:
 
     console = logging.StreamHandler(sys.stderr)
     console.setFormatter(logging.Formatter("%(message)s"))
-    _logger.addHandler(console)
-    _logger.setLevel(logging.INFO)  # its lines show whatever absl's verbosity
+    for name in CONSOLE_LOGGERS:
+        logging.getLogger(name).addHandler(console)
+        logging.getLogger(name).setLevel(logging.INFO)  # shown whatever absl's verbosity
     _State.console_handler = console
 
     if workdir:
