@@ -66,7 +66,7 @@ def test_console_shows_train_lines_and_the_eval_block_only(trained):
         assert rate > 0
         assert abs(_seconds(m["eta"]) - (TOTAL - step) / rate) <= 1
     # The evaluation block (effdet_jax.evaluation.report's), once, bare.
-    assert sum(li.startswith(f"evaluation at step {TOTAL}: ") for li in lines) == 1, console
+    assert sum(li.startswith(f"evaluation at step {TOTAL}: 16 images, ") for li in lines) == 1
     assert sum(li.startswith("  AP  ") for li in lines) == 1, console
     assert f"full log in {workdir}/log.txt" in console
 
@@ -95,6 +95,7 @@ def test_verbosity_puts_library_info_on_the_console(trained):
     lines = console.splitlines()
     assert any(ABSL_INFO.match(li) and "checkpoint_manager.py" in li for li in lines), console
     # The evaluation block is printed once, not also through absl's handler.
-    assert sum(f"evaluation at step {TOTAL}: " in li for li in lines) == 1, console
+    assert sum(f"evaluation at step {TOTAL}: 16 images, " in li for li in lines) == 1, console
+    assert sum(li.startswith("  AP  ") for li in lines) == 1, console
     # The log file keeps growing across runs.
     assert (workdir / "log.txt").read_text().count("] command: ") == 2
