@@ -49,7 +49,6 @@ LOGGER_NAME = "effdet_jax.console"
 CONSOLE_LOGGERS = (LOGGER_NAME, "effdet_jax.evaluation.report")
 LOG_FILE = "log.txt"
 # ``WORKDIR/config.json`` belongs to resuming; this one is for people to read.
-CONFIG_FILE = "config.yaml"
 # Loss parts of the train line: (metric key, shown name); a part that is exactly 0 (the IoU loss
 # when ``loss.iou_loss_type`` is unset) is left out.
 LOSS_PARTS = (("cls_loss", "cls"), ("box_loss", "box"), ("box_iou_loss", "iou"),
@@ -203,16 +202,10 @@ def log_path() -> str | None:
     return None if _State.file_handler is None else _State.file_handler.path
 
 
-def write_config(workdir: str, config: ml_collections.ConfigDict) -> str:
-    """Writes ``config`` (an ``ml_collections.ConfigDict``), references resolved, as YAML to
-    ``WORKDIR/config.yaml`` and into the log file; returns the path."""
-    text = str(config.copy_and_resolve_references())  # ml_collections' YAML dump
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, CONFIG_FILE)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-    absl_logging.info("config:\n%s", text)
-    return path
+def log_config(config: ml_collections.ConfigDict) -> None:
+    """Writes ``config`` (an ``ml_collections.ConfigDict``), references resolved, as YAML into
+    the log file (the workdir's ``config.json`` is ``run_config``'s)."""
+    absl_logging.info("config:\n%s", config.copy_and_resolve_references())  # ml_collections' YAML
 
 
 def start_line(config: ml_collections.ConfigDict, params: Any, start: int, total: int,

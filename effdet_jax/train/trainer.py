@@ -212,8 +212,9 @@ def train_and_evaluate(
         _write_params_overview(state, primary)
         writer.write_hparams(_flat_hparams(config))
     if primary:
+        console.log_config(config)
         console.say(console.start_line(config, state.params, start, total,
-                                       console.write_config(workdir, config)))
+                                       os.path.join(workdir, run_config.CONFIG_FILE)))
 
     train_iter = batches.train_batches(config, exp.image_size, start_step=start)
     hooks = [periodic_actions.ReportProgress(num_train_steps=total, writer=writer)]

@@ -3,6 +3,7 @@ console; orbax, absl, clu's parameter table, the hyperparameters and the config 
 ``WORKDIR/log.txt``; ``--verbosity=0`` puts the library INFO lines back on the console."""
 
 import datetime
+import json
 import re
 import subprocess
 
@@ -85,8 +86,8 @@ def test_library_lines_config_and_tables_go_to_the_log_file(trained):
         scalars = next(li for li in log.splitlines() if f"] [{m['step']}] data/" in li)
         logged = float(re.search(rf"train/loss=({NUMBER})", scalars)[1])
         assert float(m["loss"]) == pytest.approx(logged, abs=1e-4)
-    config = (workdir / "config.yaml").read_text()
-    assert f"total_steps: {TOTAL}" in config and "num_classes: 4" in config
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["train"]["total_steps"] == TOTAL and config["model"]["num_classes"] == 4
 
 
 def test_verbosity_puts_library_info_on_the_console(trained):
