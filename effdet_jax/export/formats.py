@@ -3,7 +3,8 @@
 * ``stablehlo``: ``jax.export`` (serialized StableHLO; ``jax.export.deserialize`` reloads it);
 * ``onnx``: ``jax2onnx``, run with ``onnxruntime``;
 * ``savedmodel``: ``jax.experimental.jax2tf`` in a ``tf.Module`` with a ``serving_default``
-  signature, run with TensorFlow (the graph is one ``XlaCallModule`` op holding the StableHLO);
+  signature, run with TensorFlow (the graph is one ``XlaCallModule`` op holding the StableHLO;
+  a TensorFlow whose XLA is older than jax's StableHLO cannot run it, and the writer says so);
 * ``tflite``: not produced; :func:`write` raises :class:`FormatUnavailableError` saying why.
 
 Writers take the serving function (``serving.make_serving_fn``) and the input spec
@@ -14,6 +15,7 @@ take the written path and uint8 images and return numpy outputs in the serving f
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Callable, Sequence
 
 import jax
@@ -47,7 +49,7 @@ def write_stablehlo(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: 
         f.write(export_stablehlo(fn, spec).serialize())
 
 
-def run_stablehlo(path: str, images: np.ndarray) -> list[np.ndarray]:
+def run_stablehlo(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     return [np.asarray(x) for x in exported.call(images)]
@@ -60,9 +62,13 @@ def write_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Seque
         raise FormatUnavailableError(
             f"onnx: jax2onnx is not installed ({e}); pip install -e '.[export]'"
         ) from e
+    if _is_dynamic(spec):
+        raise FormatUnavailableError(
+            "onnx: a dynamic batch is not available: jax2onnx 0.17 cannot lower the padding of a "
+            "symbolic batch dimension; export onnx with a fixed --config.export.batch_size"
+        )
     from effdet_jax.export.jaxpr_rewrite import for_onnx
 
-    # A symbolic batch dimension in the spec becomes the ONNX dimension ``b``.
     model = jax2onnx.to_onnx(
         for_onnx(fn, spec), [spec], model_name="efficientdet", input_names=["images"],
         output_names=list(names),
@@ -71,11 +77,11 @@ def write_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Seque
         f.write(model.SerializeToString())
 
 
-def run_onnx(path: str, images: np.ndarray) -> list[np.ndarray]:
+def run_onnx(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     import onnxruntime
 
     session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-    return session.run(None, {session.get_inputs()[0].name: images})
+    return session.run(list(names), {"images": images})
 
 
 def write_savedmodel(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Sequence[str]) -> None:
@@ -97,26 +103,36 @@ def write_savedmodel(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names:
 
     module.serving_default = serving_default
     tf.saved_model.save(module, path, signatures={"serving_default": serving_default})
+    # TensorFlow reads the embedded StableHLO only up to the version its XLA knows: a SavedModel
+    # it cannot run is removed and reported, not left behind.
+    try:
+        run_savedmodel(path, np.zeros((spec.shape[0] if not dynamic else 1, *spec.shape[1:]),
+                                      np.uint8), names)
+    except tf.errors.OpError as e:
+        shutil.rmtree(path, ignore_errors=True)
+        lines = str(e).splitlines()
+        reason = next((line for line in lines if "failed to deserialize" in line),
+                      next((line for line in lines if "StableHLO" in line), str(e)[:300]))
+        raise FormatUnavailableError(
+            f"savedmodel: TensorFlow {tf.__version__} cannot run the StableHLO jax {jax.__version__} "
+            f"embeds ({reason.strip()}); use a TensorFlow whose XlaCallModule reads it, or export "
+            "stablehlo / onnx"
+        ) from e
 
 
-def run_savedmodel(path: str, images: np.ndarray) -> list[np.ndarray]:
+def run_savedmodel(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     import tensorflow as tf
 
-    loaded = tf.saved_model.load(path)
-    fn = loaded.signatures["serving_default"]
-    out = fn(images=tf.constant(images))
-    names = [t.name.split(":")[0] for t in fn.structured_outputs.values()]
-    del names
-    order = list(loaded.serving_default.structured_outputs)  # the serving function's order
-    return [out[k].numpy() for k in order]
+    outputs = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
+    return [outputs[k].numpy() for k in names]
 
 
 def write_tflite(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Sequence[str]) -> None:
     raise FormatUnavailableError(
         "tflite: LiteRT conversion is not implemented: the maintained converters (onnx2tf from the "
         "ONNX file, or TF's converter from a SavedModel, which here holds one XlaCallModule op "
-        "TF's converter cannot lower) are not part of this installation; export 'onnx' or "
-        "'savedmodel' instead"
+        "TF's converter cannot lower) are not part of this installation; export 'stablehlo' or "
+        "'onnx' instead"
     )
 
 
@@ -134,6 +150,6 @@ def write(fmt: str, fn: Callable, spec: jax.ShapeDtypeStruct, output_dir: str,
     return path
 
 
-def run(fmt: str, path: str, images: np.ndarray) -> list[np.ndarray]:
-    """Runs an exported file in its own runtime on uint8 ``images``."""
-    return RUNNERS[fmt](path, images)
+def run(fmt: str, path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+    """Runs an exported file in its own runtime on uint8 ``images``; outputs in ``names`` order."""
+    return RUNNERS[fmt](path, images, names)
