@@ -23,7 +23,7 @@ from effdet_jax.detection.postprocess import PostprocessConfig
 from effdet_jax.export import formats, graph_check, parity, serving
 from effdet_jax.export.options import FORMATS, ExportOptions, parse_options
 
-__all__ = ["FORMATS", "ExportOptions", "ExportResult", "export_model", "parse_options"]
+__all__ = ["FORMATS", "ExportOptions", "ExportResult", "check_images", "export_model", "parse_options"]
 MANIFEST = "export.json"
 
 
@@ -50,11 +50,13 @@ def export_model(
     postprocess_config: PostprocessConfig,
     output_dir: str,
     images: np.ndarray | None = None,
+    reference: list[np.ndarray] | None = None,
 ) -> ExportResult:
     """Writes ``options.formats`` of ``model`` with ``variables`` to ``output_dir``.
 
     ``images``: uint8 ``[B, H, W, 3]`` for the parity check (default :func:`check_images`, batch
-    ``options.batch_size`` or 2 for a dynamic batch). A format that cannot be produced is listed in
+    ``options.batch_size`` or 2 for a dynamic batch); ``reference``: the JAX outputs on them, when
+    the caller has them (default: the serving function run with ``jax.jit``). A format that cannot be produced is listed in
     ``unavailable`` with the reason; the others are still written.
     """
     os.makedirs(output_dir, exist_ok=True)
@@ -62,15 +64,20 @@ def export_model(
     names = serving.output_names(model, options.with_nms)
     height, width = serving.image_size(model)
     spec = formats.input_spec(options.batch_size, height, width)
-    graph_check.check_plain_xla(fn, spec, formats.export_stablehlo(fn, spec))
+    exported = formats.export_stablehlo(fn, spec)
+    graph_check.check_plain_xla(fn, spec, exported)
     if images is None:
         images = check_images(options.batch_size or 2, height, width)
-    reference = [np.asarray(x) for x in jax.jit(fn)(images)]
+    if reference is None:
+        reference = [np.asarray(x) for x in jax.jit(fn)(images)]
 
     written, unavailable, records = {}, {}, {}
     for fmt in options.formats:
         try:
-            written[fmt] = formats.write(fmt, fn, spec, output_dir, names)
+            if fmt == "stablehlo":  # already exported for the check
+                written[fmt] = formats.save_stablehlo(exported, output_dir)
+            else:
+                written[fmt] = formats.write(fmt, fn, spec, output_dir, names)
         except formats.FormatUnavailableError as e:
             unavailable[fmt] = str(e)
             continue

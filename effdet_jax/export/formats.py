@@ -49,6 +49,14 @@ def write_stablehlo(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: 
         f.write(export_stablehlo(fn, spec).serialize())
 
 
+def save_stablehlo(exported: jax.export.Exported, output_dir: str) -> str:
+    """Writes an already exported program as the ``stablehlo`` file; returns its path."""
+    path = os.path.join(output_dir, FILE_NAMES["stablehlo"])
+    with open(path, "wb") as f:
+        f.write(exported.serialize())
+    return path
+
+
 def run_stablehlo(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     with open(path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))

@@ -1,0 +1,133 @@
+"""Exported files, run in their own runtimes (jax.export's deserializer, onnxruntime), against
+the JAX model with automl's released D0 weights on the same uint8 images.
+
+The reference is the model as training and evaluation run it (CPU kernels on), fed images
+normalised here, so the exported graph (plain XLA, normalisation inside) is checked against an
+independent path. Default suite: D0 (fastattn) at 256 px; the full-size matrix (D0, lite0,
+D0 channel_attn) is marked ``slow``.
+"""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from effdet_jax import efficientdet
+from effdet_jax.convert import convert_automl_arrays
+from effdet_jax.detection import anchors
+from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
+from effdet_jax.export import check_images, export_model, formats, parity, serving
+from effdet_jax.export.options import ExportOptions
+
+RAW_TOLERANCE = 1e-4  # of each output's max |value|
+BOX_TOLERANCE_PX = 1e-3
+SCORE_TOLERANCE = 1e-4
+MODELS = {  # test name -> (automl weights, model name, overrides)
+    "d0": ("d0", "efficientdet-d0", {}),
+    "lite0": ("lite0", "efficientdet-lite0", {}),
+    "d0_channel_attn": ("d0_channel_attn", "efficientdet-d0", {"fpn_weight_method": "channel_attn"}),
+}
+
+
+def _model_and_variables(automl_reference, key: str, image_size: int | None = None):
+    weights, name, overrides = MODELS[key]
+    if image_size is not None:
+        overrides = dict(overrides, image_size=image_size)
+    model = efficientdet(name, **overrides)
+    return model, convert_automl_arrays(automl_reference.weights(weights), model)
+
+
+def _jax_reference(model, variables, images, postprocess_config=None):
+    """Raw outputs (cls levels, then box levels) or NMS outputs of the JAX model."""
+    mean_rgb, stddev_rgb = model.config.normalization
+    x = (images.astype(np.float32) - np.float32(mean_rgb)) / np.float32(stddev_rgb)
+
+    def run(variables, x):
+        cls_out, box_out = model.apply(variables, x, train=False)
+        if postprocess_config is None:
+            return tuple(cls_out) + tuple(box_out)
+        boxes = anchors.generate_anchors(model.config.anchor_config())
+        det = postprocess(cls_out, box_out, boxes, model.config.image_size, None, postprocess_config)
+        return tuple(det[k] for k in serving.NMS_OUTPUTS)
+
+    return [np.asarray(a) for a in jax.jit(run)(variables, x)]
+
+
+def _check_formats(model, variables, tmp_path, with_nms, fmts=("stablehlo", "onnx"), batch=2):
+    size = serving.image_size(model)
+    images = check_images(batch, *size, seed=1)
+    pp = PostprocessConfig() if with_nms else None
+    reference = _jax_reference(model, variables, images, pp)
+    result = export_model(model, variables, ExportOptions(fmts, batch, with_nms, "float32"),
+                          PostprocessConfig(), str(tmp_path), images=images, reference=reference)
+    assert set(result.written) == set(fmts) and not result.unavailable
+    names = serving.output_names(model, with_nms)
+    for fmt in fmts:
+        out = formats.run(fmt, result.written[fmt], images, names)
+        if with_nms:
+            diff = parity.detection_differences(reference, out, top_k=20)
+            assert diff["class_mismatches"] == 0 and diff["valid_mismatches"] == 0, (fmt, diff)
+            assert diff["box_px"] <= BOX_TOLERANCE_PX and diff["score"] <= SCORE_TOLERANCE, (fmt, diff)
+            assert reference[3].min() >= 20  # 20 real detections per image were compared
+        else:
+            err = parity.raw_relative_error(reference, out)
+            assert err <= RAW_TOLERANCE, (fmt, err)
+    return result
+
+
+def test_d0_raw_outputs_match_in_stablehlo_and_onnx(automl_reference, tmp_path):
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    result = _check_formats(model, variables, tmp_path, with_nms=False)
+    # export_model's own parity record agrees with the independent check above.
+    assert all(r["raw_relative"] <= RAW_TOLERANCE for r in result.parity.values())
+
+
+def test_d0_detections_match_in_stablehlo_and_onnx(automl_reference, tmp_path):
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    _check_formats(model, variables, tmp_path, with_nms=True)
+
+
+def test_d0_dynamic_batch_stablehlo_runs_at_batch_1_and_7(automl_reference, tmp_path):
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    fn = serving.make_serving_fn(model, variables, None)
+    path = formats.write("stablehlo", fn, formats.input_spec(None, 256, 256), str(tmp_path),
+                         serving.output_names(model, False))
+    for batch in (1, 7):
+        images = check_images(batch, 256, 256, seed=batch)
+        out = formats.run("stablehlo", path, images, ())
+        assert out[0].shape[0] == batch
+        err = parity.raw_relative_error(_jax_reference(model, variables, images), out)
+        assert err <= RAW_TOLERANCE, (batch, err)
+
+
+def test_onnx_dynamic_batch_is_refused_with_the_reason(automl_reference, tmp_path):
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    result = export_model(model, variables, ExportOptions(("onnx",), None, False, "float32"),
+                          PostprocessConfig(), str(tmp_path))
+    assert not result.written and "symbolic batch" in result.unavailable["onnx"]
+
+
+def test_exported_graph_is_plain_xla(automl_reference):
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    spec = formats.input_spec(None, 256, 256)
+    fn = serving.make_serving_fn(model, variables, PostprocessConfig())
+    exported = formats.export_stablehlo(fn, spec)
+    from effdet_jax.export import graph_check
+
+    graph_check.check_plain_xla(fn, spec, exported)  # raises on FFI / callbacks / platform branches
+    assert graph_check.custom_call_targets(exported.mlir_module()) <= {"shape_assertion"}
+    assert "feature_group_count = 64" in exported.mlir_module()  # depthwise as grouped conv
+    # The model as training runs it on CPU holds what the check rejects.
+    kernels = dataclasses.replace(model.config, cpu_kernels="require")
+    names = graph_check.primitive_names(
+        lambda x: type(model)(kernels).apply(variables, x.astype(np.float32)), spec)
+    assert {"ffi_call", "platform_index"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("with_nms", [False, True], ids=["raw", "nms"])
+@pytest.mark.parametrize("key", list(MODELS))
+def test_full_size_matrix(automl_reference, tmp_path, key, with_nms):
+    model, variables = _model_and_variables(automl_reference, key)
+    _check_formats(model, variables, tmp_path, with_nms=with_nms, batch=1)
