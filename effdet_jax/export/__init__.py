@@ -56,8 +56,8 @@ def export_model(
 
     ``images``: uint8 ``[B, H, W, 3]`` for the parity check (default :func:`check_images`, batch
     ``options.batch_size`` or 2 for a dynamic batch); ``reference``: the JAX outputs on them, when
-    the caller has them (default: the serving function run with ``jax.jit``). A format that cannot be produced is listed in
-    ``unavailable`` with the reason; the others are still written.
+    the caller has them (default: the serving function run with ``jax.jit``). A format that
+    cannot be produced is listed in ``unavailable`` with the reason; the others are written.
     """
     os.makedirs(output_dir, exist_ok=True)
     fn = serving.make_serving_fn(model, variables, postprocess_config if options.with_nms else None)

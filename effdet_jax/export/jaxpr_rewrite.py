@@ -1,8 +1,9 @@
 """Re-emits a traced function with the constructs jax2onnx 0.17 mishandles rewritten into
 equivalent primitives (same values), for the ONNX export only.
 
-* nested ``jit`` calls and custom-derivative calls are inlined (the export is a forward pass): jax2onnx lowers them through ``jax._src.core.ClosedJaxpr``,
-  which jax 0.11+ no longer has (``ClosedJaxpr`` merged into ``Jaxpr``);
+* nested ``jit`` calls and custom-derivative calls are inlined (the export is a forward pass):
+  jax2onnx lowers a nested ``jit`` through ``jax._src.core.ClosedJaxpr``, which jax 0.11+ no
+  longer has (``ClosedJaxpr`` merged into ``Jaxpr``);
 * ``reduce_window_max`` (max pooling) becomes the maximum of its strided window slices:
   jax2onnx emits an ONNX ``MaxPool`` over all 4 dimensions of ``[batch, height, width,
   channels]``, which onnxruntime rejects ("Unsupported pooling size"). Max is exact, so the
