@@ -3,8 +3,9 @@ the JAX model with automl's released D0 weights on the same uint8 images.
 
 The reference is the model as training and evaluation run it (CPU kernels on), fed images
 normalised here, so the exported graph (plain XLA, normalisation inside) is checked against an
-independent path. Default suite: D0 (fastattn) at 256 px; the full-size matrix (D0, lite0,
-D0 channel_attn) is marked ``slow``.
+independent path. Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the
+tiny model's detections are compared in ``tests/train/test_export_cli.py``); D0's detections,
+its dynamic batch and the full-size matrix (D0, lite0, D0 channel_attn) are marked ``slow``.
 """
 
 import dataclasses
@@ -83,11 +84,13 @@ def test_d0_raw_outputs_match_in_stablehlo_and_onnx(automl_reference, tmp_path):
     assert all(r["raw_relative"] <= RAW_TOLERANCE for r in result.parity.values())
 
 
+@pytest.mark.slow
 def test_d0_detections_match_in_stablehlo_and_onnx(automl_reference, tmp_path):
     model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
     _check_formats(model, variables, tmp_path, with_nms=True)
 
 
+@pytest.mark.slow
 def test_d0_dynamic_batch_stablehlo_runs_at_batch_1_and_7(automl_reference, tmp_path):
     model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
     fn = serving.make_serving_fn(model, variables, None)
