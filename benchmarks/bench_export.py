@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
 import tempfile
@@ -55,15 +56,18 @@ def main() -> None:
             jax_fn = jax.jit(_with_model(model, variables, pp))
             cases = {"jax": lambda f=jax_fn: jax.block_until_ready(f(images))}
             spec = formats.input_spec(1, args.image_size, args.image_size)
+            sizes = {"jax": "-"}
             for fmt in ("stablehlo", "onnx"):
                 path = formats.write(fmt, plain_fn, spec, tmp, names)
+                sizes[fmt] = f"{os.path.getsize(path) / 2**20:.1f} MiB"
                 cases[fmt] = _runner(fmt, path, names)
             for name, fn in cases.items():
                 r = timed(fn, warmup=2, repeats=args.repeats)
-                r.update(model=args.model, image_size=args.image_size, nms=with_nms, runtime=name)
+                r.update(model=args.model, image_size=args.image_size, nms=with_nms, runtime=name,
+                         file_size=sizes[name])
                 results.append(r)
                 print(f"| {args.model} {args.image_size} | {'NMS' if with_nms else 'raw'} | {name} | "
-                      f"{fmt_ms(r)} |", flush=True)
+                      f"{sizes[name]} | {fmt_ms(r)} |", flush=True)
     print(json.dumps([{k: v for k, v in r.items() if k != "times_ms"} for r in results]))
 
 
