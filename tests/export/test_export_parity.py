@@ -1,11 +1,13 @@
 """Exported files, run in their own runtimes (jax.export's deserializer, onnxruntime), against
 the JAX model with automl's released D0 weights on the same uint8 images.
 
-The reference is the model as training and evaluation run it (CPU kernels on), fed images
-normalised here, so the exported graph (plain XLA, normalisation inside) is checked against an
-independent path. Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the
-tiny model's detections are compared in ``tests/train/test_export_cli.py``); D0's detections,
-its dynamic batch and the full-size matrix (D0, lite0, D0 channel_attn) are marked ``slow``.
+The reference is the JAX model fed images normalised here, so the exported files (plain XLA,
+normalisation inside, serialized / converted and run elsewhere) are checked against an independent
+path: raw outputs against the model as training and evaluation run it (CPU kernels on),
+detections against the same network on XLA's ops (``cpu_kernels="off"``), see ``_check_formats``.
+Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the tiny model's
+detections are compared in ``tests/train/test_export_cli.py``); D0's detections, its dynamic
+batch and the full-size matrix (D0, lite0, D0 channel_attn) are marked ``slow``.
 """
 
 import dataclasses
@@ -59,7 +61,11 @@ def _check_formats(model, variables, tmp_path, with_nms, fmts=("stablehlo", "onn
     size = serving.image_size(model)
     images = check_images(batch, *size, seed=1)
     pp = PostprocessConfig() if with_nms else None
-    reference = _jax_reference(model, variables, images, pp)
+    # Detections against JAX running the same plain-XLA network: box coordinates amplify the
+    # last-bit differences between the CPU kernels and XLA's ops (raw outputs, compared against
+    # the kernels below, stay within 1e-4 of their scale; boxes differ by up to ~6e-3 px at 512).
+    reference = _jax_reference(serving.plain_model(model) if with_nms else model, variables,
+                               images, pp)
     result = export_model(model, variables, ExportOptions(fmts, batch, with_nms, "float32"),
                           PostprocessConfig(), str(tmp_path), images=images, reference=reference)
     assert set(result.written) == set(fmts) and not result.unavailable
