@@ -138,11 +138,12 @@ def test_exported_graph_is_plain_xla(automl_reference):
     assert {"ffi_call", "platform_index"} <= names
 
 
-# Measured at 512 px, batch 1, seed 1: same top-20 classes and valid counts, scores within 1.2e-5,
-# but boxes 4.3e-3 px (D0) and 1.2e-3 px (channel_attn) from the JAX network on XLA's ops, over
-# the 1e-3 px bar (lite0 at 320 px and D0 at 256 px are within it).
+# Measured at 512 px, batch 1, seed 1: same top-20 classes and valid counts, scores within 1.7e-5,
+# but boxes off the JAX network on XLA's ops by 4.3e-3 / 9.9e-3 px (D0, StableHLO / ONNX) and
+# 1.2e-3 / 1.4e-3 px (channel_attn), over the 1e-3 px bar (lite0 at 320 px and D0 at
+# 256 px are within it).
 _BOXES_OVER_BAR = pytest.mark.xfail(strict=True, reason="D0 box coordinates at 512 px differ by up to "
-                                    "4.3e-3 px in float32 (separately compiled graph)")
+                                    "1e-2 px in float32 (separately compiled / converted graph)")
 
 
 @pytest.mark.slow
