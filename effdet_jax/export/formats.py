@@ -14,6 +14,7 @@ take the written path and uint8 images and return numpy outputs in the serving f
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -76,6 +77,9 @@ def write_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Seque
             "symbolic batch dimension; export onnx with a fixed --config.export.batch_size"
         )
     from effdet_jax.export.jaxpr_rewrite import for_onnx
+
+    # jax2onnx logs a traceback for each of its optional plugins (equinox, dm-pix) it cannot import.
+    logging.getLogger("jax2onnx.plugins.plugin_system").setLevel(logging.ERROR)
 
     model = jax2onnx.to_onnx(
         for_onnx(fn, spec), [spec], model_name="efficientdet", input_names=["images"],
