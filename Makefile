@@ -17,7 +17,8 @@ REF_FILES := $(patsubst tools/torch_reference/make_%.py,$(REFS)/%.npz,$(REF_SCRI
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' onnx onnx-ir onnxruntime
+	$(PY) -m pip install -q --no-deps 'jax2onnx>=0.17.1'  # the export extra without its orbax pin
 	touch $@
 
 setup: $(VENV)/.installed

@@ -4,6 +4,7 @@
   python main.py --config=configs/d3.py --workdir=DIR --config.train.batch_size=128
   python main.py --config=configs/d0.py --workdir=DIR --mode=predict --images='imgs/*.jpg' \
       --output=/tmp/pred
+  python main.py --config=configs/d0.py --workdir=DIR --mode=export --output=/tmp/exported
 
 This file only parses flags; everything else is in ``effdet_jax.train`` (importable in notebooks).
 """
@@ -18,7 +19,7 @@ from ml_collections import config_flags
 
 from effdet_jax.train import console, launcher
 
-MODES = ("train", "eval", "train_and_eval", "predict", "summary")
+MODES = ("train", "eval", "train_and_eval", "predict", "summary", "export")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -27,7 +28,8 @@ config_flags.DEFINE_config_file(
 flags.DEFINE_string("workdir", None, "Checkpoints, TensorBoard logs and eval results go here.")
 flags.DEFINE_enum("mode", "train_and_eval", MODES, "What to do.")
 flags.DEFINE_string("images", None, "predict: glob of image files.")
-flags.DEFINE_string("output", None, "predict: folder for the drawn images and detections.json.")
+flags.DEFINE_string("output", None, "predict: folder for the drawn images and detections.json; "
+                    "export: folder for the exported files and export.json.")
 flags.mark_flags_as_required(["config"])
 
 
@@ -55,13 +57,14 @@ def main(argv):
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
     from effdet_jax.data.report import BadDataError
     from effdet_jax.data.sources import DataUnavailableError
+    from effdet_jax.export.command import ExportIncompleteError
     from effdet_jax.train.checkpointing import CheckpointMismatchError, CheckpointRestoreError
     from effdet_jax.train.run_config import ConfigMismatchError
 
     try:
         run_mode(config)
     except (DataUnavailableError, BadDataError, ConfigMismatchError, CheckpointMismatchError,
-            CheckpointRestoreError) as e:
+            CheckpointRestoreError, ExportIncompleteError) as e:
         # The message is the whole story (what is wrong or missing, the ways out): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)
@@ -84,6 +87,12 @@ def run_mode(config) -> None:
         if not paths:
             raise app.UsageError(f"--images={FLAGS.images!r} matches no file")
         trainer.predict(config, FLAGS.workdir, paths, FLAGS.output)
+    elif FLAGS.mode == "export":
+        if not FLAGS.output:
+            raise app.UsageError("--mode=export needs --output")
+        from effdet_jax.export.command import run_export
+
+        run_export(config, FLAGS.workdir, FLAGS.output)
 
 
 if __name__ == "__main__":

@@ -102,6 +102,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.mesh.fsdp = False  # shard large parameters (and their optimizer/EMA copies) on `data`
     config.mesh.shard_min_size = 2**18  # elements; smaller arrays are replicated on both axes
 
+    # ---- export (--mode=export; effdet_jax.export) ----
+    config.export = ml_collections.ConfigDict()
+    config.export.formats = "stablehlo,onnx"  # comma-separated subset of effdet_jax.export.FORMATS
+    config.export.batch_size = "1"  # a positive integer, or "dynamic" (a symbolic batch)
+    config.export.with_nms = True  # boxes / scores / classes / valid after eval.postprocess
+    config.export.dtype = "float32"
+
     # ---- checkpoints and logs ----
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every_steps = 1000

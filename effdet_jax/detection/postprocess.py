@@ -168,15 +168,20 @@ def nms(
     threshold = config.effective_score_threshold
     alive = jnp.where(scores > threshold, scores, -jnp.inf)
     num = config.max_detections
+    candidate_ids = jnp.arange(scores.shape[0])
+    step_ids = jnp.arange(num)
 
     def step(i: int, state: tuple[jax.Array, ...]) -> tuple[jax.Array, ...]:
         current, picked, picked_scores, picked_valid = state
         j = jnp.argmax(current)
-        score = current[j]
+        # One-hot reads of row j (exact: one term is not zero): batched dynamic indexing inside
+        # a loop is what ONNX converters mishandle.
+        hit = candidate_ids == j
+        score = jnp.max(current)
         valid = score > -jnp.inf
-        iou = _iou_one_to_many(boxes[j], boxes)
+        iou = _iou_one_to_many(jnp.sum(jnp.where(hit[:, None], boxes, 0.0), axis=0), boxes)
         if config.per_class:
-            iou = jnp.where(classes == classes[j], iou, 0.0)
+            iou = jnp.where(classes == jnp.sum(jnp.where(hit, classes, 0)), iou, 0.0)
         if config.method == "hard":
             updated = jnp.where(iou > config.iou_threshold, -jnp.inf, current)
         else:
@@ -186,22 +191,25 @@ def nms(
                 weight = jnp.where(iou > config.iou_threshold, 1.0 - iou, 1.0)
             decayed = current * weight
             updated = jnp.where(decayed > threshold, decayed, -jnp.inf)
-        updated = updated.at[j].set(-jnp.inf)
+        # Masked selects rather than ``.at[].set``: the same values, without the batched
+        # scatter that vmap makes of them, which ONNX converters cannot lower.
+        updated = jnp.where(hit, -jnp.inf, updated)
         # Once nothing is left, later steps must not change anything.
         current = jnp.where(valid, updated, current)
-        picked = picked.at[i].set(jnp.where(valid, j, 0).astype(jnp.int32))
-        picked_scores = picked_scores.at[i].set(jnp.where(valid, score, 0.0))
-        picked_valid = picked_valid.at[i].set(valid)
+        row = step_ids == i
+        picked = jnp.where(row, jnp.where(valid, j, 0).astype(jnp.int32), picked)
+        picked_scores = jnp.where(row, jnp.where(valid, score, 0.0), picked_scores)
+        picked_valid = jnp.where(row, valid.astype(jnp.int32), picked_valid)  # int: ONNX Where
         return current, picked, picked_scores, picked_valid
 
     init = (
         alive,
         jnp.zeros((num,), jnp.int32),
         jnp.zeros((num,), scores.dtype),
-        jnp.zeros((num,), bool),
+        jnp.zeros((num,), jnp.int32),
     )
     _, picked, picked_scores, picked_valid = lax.fori_loop(0, num, step, init)
-    return picked, picked_scores, picked_valid
+    return picked, picked_scores, picked_valid > 0
 
 
 def _postprocess_one(

@@ -14,6 +14,7 @@ from effdet_jax.data.config import known_num_classes, validate_data_config
 from effdet_jax.data.report import ON_BAD_DATA
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
 from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, PostprocessConfig
+from effdet_jax.export.options import parse_options as parse_export_options
 from effdet_jax.models import model_config
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
@@ -126,6 +127,11 @@ def validate_config(
             cls(**_get(config, key).to_dict())
         except (TypeError, ValueError) as e:
             raise ConfigError(f"config.{key}: {e}") from None
+
+    try:
+        parse_export_options(config.export)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
     choices = model_choices()
     for key, allowed in choices.items():

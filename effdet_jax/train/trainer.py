@@ -417,18 +417,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
     return metrics
 
 
-def predict(
-    config: ml_collections.ConfigDict, workdir: str, paths: list[str], output_dir: str
-) -> list[dict]:
-    """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
-    images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
+def inference_variables(config: ml_collections.ConfigDict, workdir: str) -> tuple[Experiment, dict]:
+    """The experiment and the variables inference uses (EMA by default) from the latest
+    checkpoint of ``workdir``: the one place predict and export get their weights."""
     exp = setup(config)
     manager = _checkpoint_manager(config, workdir)
     if manager.latest_step() is None:
         raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
     state = restore_or_init(exp, manager)
     manager.close()
-    variables = exp.eval_variables(state)
+    return exp, exp.eval_variables(state)
+
+
+def predict(
+    config: ml_collections.ConfigDict, workdir: str, paths: list[str], output_dir: str
+) -> list[dict]:
+    """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
+    images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
+    exp, variables = inference_variables(config, workdir)
     batch_size = exp.mesh.shape["data"]
 
     def detect_fn(images: np.ndarray):

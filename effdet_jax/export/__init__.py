@@ -1,0 +1,100 @@
+"""Export a trained EfficientDet: StableHLO, ONNX and TF SavedModel files that take uint8
+pixels, each checked against the JAX model in its own runtime.
+
+``export_model(model, variables, options, postprocess_config, output_dir)`` writes the formats
+of ``options`` (``options.ExportOptions``), runs each written file on the same uint8 images as
+the JAX serving function, and writes ``export.json`` (inputs, outputs, normalisation, parity per
+format, and why any format could not be produced). ``serving`` builds the exported function,
+``formats`` holds one writer and runner per format, ``graph_check`` checks the graph is plain
+XLA, ``parity`` measures the differences.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from effdet_jax.detection.postprocess import PostprocessConfig
+from effdet_jax.export import formats, graph_check, parity, serving
+from effdet_jax.export.options import FORMATS, ExportOptions, parse_options
+
+__all__ = ["FORMATS", "ExportOptions", "ExportResult", "check_images", "export_model", "parse_options"]
+MANIFEST = "export.json"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    """What :func:`export_model` wrote: ``written`` format -> path, ``unavailable`` format -> why,
+    ``parity`` format -> :func:`parity.compare` record."""
+
+    written: dict[str, str]
+    unavailable: dict[str, str]
+    parity: dict[str, dict[str, Any]]
+    manifest: str
+
+
+def check_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """Deterministic uint8 ``[batch, height, width, 3]`` images for the parity check."""
+    return np.random.default_rng(seed).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
+
+
+def export_model(
+    model: Any,
+    variables: dict[str, Any],
+    options: ExportOptions,
+    postprocess_config: PostprocessConfig,
+    output_dir: str,
+    images: np.ndarray | None = None,
+    reference: list[np.ndarray] | None = None,
+) -> ExportResult:
+    """Writes ``options.formats`` of ``model`` with ``variables`` to ``output_dir``.
+
+    ``images``: uint8 ``[B, H, W, 3]`` for the parity check (default :func:`check_images`, batch
+    ``options.batch_size`` or 2 for a dynamic batch); ``reference``: the JAX outputs on them, when
+    the caller has them (default: the serving function run with ``jax.jit``). A format that
+    cannot be produced is listed in ``unavailable`` with the reason; the others are written.
+    """
+    os.makedirs(output_dir, exist_ok=True)
+    fn = serving.make_serving_fn(model, variables, postprocess_config if options.with_nms else None)
+    names = serving.output_names(model, options.with_nms)
+    height, width = serving.image_size(model)
+    spec = formats.input_spec(options.batch_size, height, width)
+    exported = formats.export_stablehlo(fn, spec)
+    graph_check.check_plain_xla(fn, spec, exported)
+    if images is None:
+        images = check_images(options.batch_size or 2, height, width)
+    if reference is None:
+        reference = [np.asarray(x) for x in jax.jit(fn)(images)]
+
+    written, unavailable, records = {}, {}, {}
+    for fmt in options.formats:
+        try:
+            if fmt == "stablehlo":  # already exported for the check
+                written[fmt] = formats.save_stablehlo(exported, output_dir)
+            else:
+                written[fmt] = formats.write(fmt, fn, spec, output_dir, names)
+        except formats.FormatUnavailableError as e:
+            unavailable[fmt] = str(e)
+            continue
+        records[fmt] = parity.compare(reference, formats.run(fmt, written[fmt], images, names),
+                                      options.with_nms)
+    manifest = os.path.join(output_dir, MANIFEST)
+    mean_rgb, stddev_rgb = serving.plain_model(model).config.normalization
+    with open(manifest, "w") as f:
+        json.dump({
+            "model": model.config.name,
+            "input": {"name": "images", "dtype": "uint8",
+                      "shape": [options.batch_size or "batch", height, width, 3],
+                      "normalization_inside": {"mean_rgb": mean_rgb, "stddev_rgb": stddev_rgb}},
+            "outputs": list(names),
+            "boxes": "[ymin, xmin, ymax, xmax] in input pixels" if options.with_nms else None,
+            "files": {k: os.path.basename(v) for k, v in written.items()},
+            "parity": records,
+            "unavailable": unavailable,
+        }, f, indent=2)
+    return ExportResult(written, unavailable, records, manifest)

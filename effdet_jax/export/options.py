@@ -1,0 +1,82 @@
+"""What ``--mode=export`` can write, and its options parsed from ``config.export``.
+
+Kept free of heavy imports (no TensorFlow, no converters) so ``config_validation`` can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+# Every export format, in the order they are written. ``tflite`` is converted from the ONNX file.
+FORMATS = ("stablehlo", "onnx", "savedmodel", "tflite")
+DTYPES = ("float32", "float16", "int8")
+DYNAMIC = "dynamic"
+# File each format writes inside the output folder.
+FILE_NAMES = {
+    "stablehlo": "model.stablehlo",
+    "onnx": "model.onnx",
+    "savedmodel": "saved_model",
+    "tflite": "model.tflite",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportOptions:
+    """Parsed ``config.export``.
+
+    Attributes:
+      formats: a subset of :data:`FORMATS`, in that order.
+      batch_size: the exported batch dimension; ``None`` for a dynamic (symbolic) batch.
+      with_nms: outputs after the configured post-processing (boxes / scores / classes / valid)
+        instead of the raw per-level outputs.
+      dtype: one of :data:`DTYPES` (``float16`` / ``int8`` for ``tflite`` only).
+    """
+
+    formats: tuple[str, ...]
+    batch_size: int | None
+    with_nms: bool
+    dtype: str
+
+
+def parse_formats(text: str) -> tuple[str, ...]:
+    """``"stablehlo,onnx"`` -> ``("stablehlo", "onnx")``; unknown names raise ``ValueError``."""
+    names = [f.strip() for f in str(text).split(",") if f.strip()]
+    unknown = [f for f in names if f not in FORMATS]
+    if unknown or not names:
+        raise ValueError(
+            f"config.export.formats={text!r}: {'unknown ' + ', '.join(unknown) if unknown else 'empty'};"
+            f" give a comma-separated subset of {', '.join(FORMATS)}, e.g. "
+            "--config.export.formats=stablehlo,onnx"
+        )
+    return tuple(f for f in FORMATS if f in names)
+
+
+def parse_batch_size(text: str | int) -> int | None:
+    """``"dynamic"`` -> ``None``; a positive integer (or its string) -> that integer."""
+    if str(text).strip() == DYNAMIC:
+        return None
+    try:
+        value = int(str(text).strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(
+            f"config.export.batch_size={text!r}: give a positive integer or '{DYNAMIC}', e.g. "
+            "--config.export.batch_size=1"
+        )
+    return value
+
+
+def parse_options(export_cfg) -> ExportOptions:
+    """:class:`ExportOptions` from ``config.export``; raises ``ValueError`` naming the fix."""
+    formats = parse_formats(export_cfg.formats)
+    batch_size = parse_batch_size(export_cfg.batch_size)
+    if export_cfg.dtype not in DTYPES:
+        raise ValueError(f"config.export.dtype={export_cfg.dtype!r}: choose one of {DTYPES}")
+    if export_cfg.dtype != "float32":
+        raise ValueError(
+            f"config.export.dtype={export_cfg.dtype!r}: only float32 is exported; float16 / int8 "
+            "need the LiteRT converter, which this installation does not include (see the README's "
+            "export section)"
+        )
+    return ExportOptions(formats, batch_size, bool(export_cfg.with_nms), export_cfg.dtype)

@@ -1,0 +1,38 @@
+"""``config.export`` keys parse from the command line and bad values fail early, naming the key
+and the fix (``effdet_jax.export.options``, through ``validate_config``)."""
+
+import pytest
+from test_config import CONFIG_DIR, _parse
+
+from effdet_jax.export.options import FORMATS, parse_options
+from effdet_jax.train.config_validation import ConfigError, validate_config
+
+
+def test_export_keys_parse_from_flags():
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.formats=onnx,stablehlo",
+                    "--config.export.batch_size=dynamic", "--config.export.with_nms=false")
+    options = parse_options(config.export)
+    assert options.formats == ("stablehlo", "onnx")  # FORMATS order
+    assert options.batch_size is None and options.with_nms is False
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.batch_size=4")
+    assert parse_options(config.export).batch_size == 4
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("formats", "onnx,coreml", ", ".join(FORMATS)),
+        ("formats", "", "empty"),
+        ("batch_size", "0", "dynamic"),
+        ("batch_size", "many", "positive integer"),
+        ("dtype", "int4", "float16"),
+        ("dtype", "int8", "only float32"),
+    ],
+)
+def test_bad_export_values_fail_naming_key_and_fix(key, value, expected):
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}")
+    config.export[key] = value
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    message = str(info.value)
+    assert f"config.export.{key}" in message and expected in message, message
