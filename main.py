@@ -49,10 +49,12 @@ def main(argv):
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
     from effdet_jax.data.sources import DataUnavailableError
+    from effdet_jax.train.checkpoint_files import CheckpointFileError
+    from effdet_jax.train.initialization import NoCheckpointError
 
     try:
         run_mode(config)
-    except DataUnavailableError as e:
+    except (DataUnavailableError, CheckpointFileError, NoCheckpointError) as e:
         # The message is the whole story (what is missing, how to get it): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)
