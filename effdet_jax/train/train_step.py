@@ -58,8 +58,13 @@ def create_train_state(
     init_rng, train_rng = jax.random.split(rng)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, images, train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    return state_from_variables(tx, variables["params"], variables.get("batch_stats", {}), train_rng)
+
+
+def state_from_variables(
+    tx: optax.GradientTransformation, params: Any, batch_stats: Any, train_rng: jax.Array
+) -> TrainState:
+    """A step-0 state of given weights: EMA copies equal to them, a fresh optimizer state."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,

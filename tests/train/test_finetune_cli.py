@@ -5,7 +5,8 @@ The checkpoint is an automl-named ``.npz`` of a thin 90-class D0 (``configs/tiny
 architecture) with random weights and random BN statistics. Checked: the backbone parameters, BN
 statistics (``freeze_bn``) and their EMA copies are bit-exact after training, frozen parameters
 have no optimizer state, the heads changed, the class head has 3 x 9 outputs, the logged table
-lists the class head as re-initialised, and predict writes the folder's class names.
+lists the class head as re-initialised, and predict, in a new workdir with only
+``init.checkpoint=RUN:2``, writes the folder's class names.
 """
 
 import json
@@ -115,8 +116,11 @@ def test_finetune_new_classes_frozen_backbone_then_predict(tmp_path):
     total = sum(x.size for x in jax.tree.leaves(state.params))
     assert int(trained[2].replace(",", "")) == total
 
+    # Predict in a new workdir with only init.checkpoint, naming the run's step 2.
     out = tmp_path / "predicted"
-    predict = _run(workdir, "predict", *flags, f"--images={images}/im0.png", f"--output={out}")
+    predict = _run(tmp_path / "predict_run", "predict", *flags[:-3],
+                   f"--config.init.checkpoint={workdir}:2", f"--images={images}/im0.png",
+                   f"--output={out}")
     assert predict.returncode == 0, predict.stderr[-4000:]
     records = json.loads((out / "detections.json").read_text())
     names = {d["class_name"] for r in records for d in r["detections"]}
