@@ -4,9 +4,9 @@ backbone, through ``main.py`` as a user runs it, then predict with the result.
 The checkpoint is an automl-named ``.npz`` of a thin 90-class D0 (``configs/tiny.py``'s
 architecture) with random weights and random BN statistics. Checked: the backbone parameters, BN
 statistics (``freeze_bn``) and their EMA copies are bit-exact after training, frozen parameters
-have no optimizer state, the heads changed, the class head has 3 x 9 outputs, the logged table
-lists the class head as re-initialised, and predict, in a new workdir with only
-``init.checkpoint=RUN:2``, writes the folder's class names.
+have no optimizer state, the L2 term leaves the frozen kernels out, the heads changed, the class
+head has 3 x 9 outputs, the logged table lists the class head as re-initialised, and predict, in
+a new workdir with only ``init.checkpoint=RUN:2``, writes the folder's class names.
 """
 
 import json
@@ -40,7 +40,12 @@ def _checkpoint_90(path):
         lambda p, v: rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
         if p[-1].key == "var" else rng.normal(0, 0.2, v.shape).astype(np.float32),
         variables["batch_stats"])
-    variables = {"params": jax.device_get(variables["params"]), "batch_stats": stats}
+    params = jax.device_get(variables["params"])
+    # Backbone kernels x10 (BN follows each conv, so training is unaffected): an L2 term that
+    # counted the frozen backbone would be far above the one of the trained parameters.
+    params["backbone"] = jax.tree_util.tree_map_with_path(
+        lambda p, v: v * 10 if p[-1].key == "kernel" else v, params["backbone"])
+    variables = {"params": params, "batch_stats": stats}
     np.savez(path, **automl_named(variables, model))
     return model, variables
 
@@ -89,6 +94,21 @@ def test_finetune_new_classes_frozen_backbone_then_predict(tmp_path):
     assert re.search(r"loaded\s+params/backbone/stem_conv/kernel", log)
     trained = re.search(r"training ([\d,]+) of ([\d,]+) parameters \(([\d,]+) frozen", log)
     assert trained, log[-4000:]
+
+    # The L2 term of step 1 (on the step-0 weights) covers the trained kernels only: at least
+    # those loaded from the file (all but the new class kernel), far below the backbone's.
+    reg = float(re.search(r"\[1\] .*train/reg_l2_loss=([-+.e0-9]+)", log)[1])
+    flat = traverse_util.flatten_dict(source["params"])
+    kernels = [p for p in flat if p[-1] == "kernel"]
+
+    def l2(paths):
+        return 4e-5 * 0.5 * sum(float(np.sum(np.square(flat[p].astype(np.float64)))) for p in paths)
+
+    new_class_kernel = ("class_net", "predict", "pointwise", "kernel")
+    loaded_trained = l2([p for p in kernels if p[0] != "backbone" and p != new_class_kernel])
+    backbone = l2([p for p in kernels if p[0] == "backbone"])
+    assert loaded_trained * (1 - 1e-5) <= reg <= loaded_trained + 0.01 * backbone, (
+        reg, loaded_trained, backbone)
 
     config = tiny_config(total_steps=2, freeze="^backbone/", freeze_bn=True)
     config.model.num_classes = 3

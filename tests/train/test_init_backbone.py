@@ -3,14 +3,12 @@ new state's backbone gives timm's features (strides 8, 16, 32: the P3-P5 inputs)
 their scale, its EMA copies equal it, the BiFPN and heads keep their fresh initialisation, and the
 table lists timm's classifier layers as unused."""
 
-import os
-import pathlib
-
 import jax
 import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
+from init_helpers import torch_reference
 from safetensors.numpy import save_file
 from train_helpers import tiny_config
 
@@ -20,24 +18,9 @@ from effdet_jax.train import experiment, initialization
 TIMM = "tf_efficientnet_b0"
 
 
-def _timm_reference() -> dict[str, np.ndarray]:
-    """``tools/torch_reference/make_timm_efficientnet.py``'s arrays (skip without them, as
-    ``tests/conftest.load_torch_reference``, which ``tests/train`` cannot import by name)."""
-    root = pathlib.Path(os.environ.get("EFFDET_JAX_REFS",
-                                       pathlib.Path.home() / ".cache/effdet_jax/torch_refs"))
-    path = root / "timm_efficientnet.npz"
-    if not path.exists() or f"{TIMM}/features_8" not in np.load(path).files:
-        message = f"PyTorch reference {path} (with features) is missing: run `make refs`"
-        if os.environ.get("EFFDET_JAX_REQUIRE_REFS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files if k.startswith(TIMM + "/")}
-
-
 @pytest.mark.torch_ref
 def test_backbone_from_timm_state_dict_gives_timm_features(tmp_path):
-    ref = _timm_reference()
+    ref = torch_reference("timm_efficientnet", f"{TIMM}/features_8")
     prefix = f"{TIMM}/sd/"
     path = tmp_path / f"{TIMM}.safetensors"
     save_file({k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}, str(path))
