@@ -48,13 +48,14 @@ def main(argv):
         return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
+    from effdet_jax.data.report import BadDataError
     from effdet_jax.data.sources import DataUnavailableError
     from effdet_jax.train.checkpoint_files import CheckpointFileError
     from effdet_jax.train.initialization import NoCheckpointError
 
     try:
         run_mode(config)
-    except (DataUnavailableError, CheckpointFileError, NoCheckpointError) as e:
+    except (DataUnavailableError, BadDataError, CheckpointFileError, NoCheckpointError) as e:
         # The message is the whole story (what is missing, how to get it): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)

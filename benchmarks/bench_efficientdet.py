@@ -66,7 +66,7 @@ def suite(quick: bool, rest_only: bool = False) -> list[dict]:
 
 
 # Extra JAX-only rows: the same case with model overrides (memory / speed trade-offs).
-VARIANTS = {"remat": {"remat": True}}
+VARIANTS = {"remat": {"remat": "blocks"}}
 
 
 def main() -> None:

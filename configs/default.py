@@ -45,7 +45,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_connect_variant = config_dict.placeholder(str)
     # Compute dtype of activations ("bfloat16" for mixed precision); params and losses stay f32.
     config.model.dtype = "float32"
-    config.model.remat = False
+    # What the backward pass recomputes to save memory: none | blocks | blocks+heads
+    # (model_config.REMAT_POLICIES).
+    config.model.remat = "none"
     # Any other field of the model table, e.g. {"fpn_num_filters": 16}; unknown names fail early.
     config.model.overrides = ml_collections.ConfigDict()
 
@@ -125,4 +127,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint.keep_best = 1  # by eval AP
     config.checkpoint.async_save = True
     config.log_every_steps = 100
+    # Persistent XLA compilation cache: None = $EFFDET_JAX_COMPILATION_CACHE, else
+    # ~/.cache/effdet_jax/xla_cache; a directory; or "off" (effdet_jax/train/compile_cache.py).
+    config.compilation_cache = config_dict.placeholder(str)
     return config

@@ -140,6 +140,12 @@ class GroundTruthReport:
         default_factory=lambda: {k: [] for k in RULE_KEYS})
     num_annotations: int = 0
     num_kept: int = 0
+    # Annotations whose ``image_id`` the json does not list (left out), with example ids.
+    num_unknown_image: int = 0
+    unknown_image_examples: list = dataclasses.field(default_factory=list)
+    # (position in the json's ``annotations`` list, rule) of the first annotation the rule drops
+    # or changes (``"boxes_unknown_image_dropped"`` for an unknown image id); None when none.
+    first_flagged: tuple[int, str] | None = None
 
     @property
     def num_dropped(self) -> int:
@@ -152,23 +158,32 @@ class GroundTruthReport:
         for k in RULE_KEYS:
             if self.counts[k]:
                 parts.append(f"{k}={self.counts[k]} (e.g. annotation ids {self.examples[k]})")
+        if self.num_unknown_image:
+            parts.append(f"boxes_unknown_image_dropped={self.num_unknown_image} "
+                         f"(e.g. annotation ids {self.unknown_image_examples})")
         return "; ".join(parts)
 
 
 def sanitize_coco_dataset(
-    dataset: Mapping[str, Any], known_category_ids: set[int]
+    dataset: Mapping[str, Any],
+    known_category_ids: set[int],
+    image_sizes: Mapping[int, tuple[int, int]] | None = None,
 ) -> tuple[dict[str, Any], GroundTruthReport]:
     """A COCO json (parsed) with the rule applied to its annotations, for evaluation.
 
-    Boxes are xywh pixels, clipped to the json's image ``width``/``height`` (no clipping when the
-    image has none). Dropped annotations are left out; fixed ones get the new ``bbox`` and
-    ``area = w * h`` (unless they have a ``segmentation``: their json ``area`` is the segment's,
-    which the box fix does not change); unchanged ones are copied as they are (their json
-    ``area`` is kept: COCO's small/medium/large split uses it). Crowd annotations stay, as crowd.
+    Boxes are xywh pixels, clipped to the image size: ``image_sizes[image_id]`` (``(height,
+    width)`` of the decoded file, which wins over the json) where given, else the json's image
+    ``width``/``height`` (no clipping when the image has neither). Dropped annotations are left
+    out; fixed ones get the new ``bbox`` and ``area = w * h`` (unless they have a
+    ``segmentation``: their json ``area`` is the segment's, which the box fix does not change);
+    unchanged ones are copied as they are (their json ``area`` is kept: COCO's
+    small/medium/large split uses it). Crowd annotations stay, as crowd.
     Fields pycocotools needs are filled in only when missing or invalid: ``iscrowd`` 0, ``area``
     w*h (when not a positive number), ``id`` a fresh number.
-    Annotations of an image id the json does not list are left out (they would score nothing).
+    Annotations of an image id the json does not list are left out (they would score nothing)
+    and counted (``num_unknown_image``).
     """
+    image_sizes = image_sizes or {}
     images = {}
     for im in dataset.get("images", []):
         try:
@@ -177,16 +192,23 @@ def sanitize_coco_dataset(
             continue
     anns = list(dataset.get("annotations", []) or [])
     report = GroundTruthReport(num_annotations=len(anns))
-    rows, boxes, known, hw = [], [], [], []
-    for ann in anns:
-        image = images.get(as_int(ann.get("image_id")))
+    rows, positions, boxes, known, hw = [], [], [], [], []
+    for position, ann in enumerate(anns):
+        image_id = as_int(ann.get("image_id"))
+        image = images.get(image_id)
         if image is None:
+            report.num_unknown_image += 1
+            if len(report.unknown_image_examples) < MAX_EXAMPLES:
+                report.unknown_image_examples.append(ann.get("id"))
+            if report.first_flagged is None:
+                report.first_flagged = (position, "boxes_unknown_image_dropped")
             continue
         cat_known = as_int(ann.get("category_id")) in known_category_ids
         rows.append(ann)
+        positions.append(position)
         boxes.append(parse_bbox(ann))
         known.append(cat_known)
-        hw.append((_size(image, "height"), _size(image, "width")))
+        hw.append(image_sizes.get(image_id) or (_size(image, "height"), _size(image, "width")))
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     h, w = np.asarray(hw, np.float64).reshape(-1, 2).T
     x, y, bw, bh = b.T
@@ -197,6 +219,8 @@ def sanitize_coco_dataset(
         idx = np.flatnonzero(masks[k])
         report.counts[k] = int(idx.size)
         report.examples[k] = [rows[i].get("id") for i in idx[:MAX_EXAMPLES]]
+        if idx.size and (report.first_flagged is None or positions[idx[0]] < report.first_flagged[0]):
+            report.first_flagged = (positions[idx[0]], k)
     used_ids = {a.get("id") for a in rows}
     next_id = max((i for i in used_ids if isinstance(i, int)), default=0) + 1
     kept = []

@@ -31,7 +31,11 @@ def default_data_config() -> ml_collections.ConfigDict:
         json is relative to them.
       label_space: ``"contiguous"`` (label = index of the category in the sorted id list) or
         ``"coco90"`` (label = category_id - 1, 90 logits, as automl's official checkpoints).
-      max_instances_per_image: M, boxes per image in a batch; extra ones are dropped and counted.
+      max_instances_per_image: M, boxes per image in a batch; beyond M the largest M are kept
+        (``transforms.pad_to_max``) and the rest counted (``boxes_over_max_dropped``).
+      on_bad_data: ``"report"`` (fix or drop bad files and boxes, count them, write
+        ``WORKDIR/data_report.json``) or ``"error"`` (stop at start-up naming the first bad file
+        and annotation); values in ``data/report.ON_BAD_DATA``.
       skip_crowd_during_training: drop crowd boxes from training examples (as automl);
         ``False`` keeps them with class ``-2``. Eval always keeps them as ``-2``.
       shapes.*: the synthetic set: ``num_train``/``num_eval`` images, ``train_seed``/``eval_seed``,
@@ -61,6 +65,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.label_space = "contiguous"
     c.max_instances_per_image = 100
     c.skip_crowd_during_training = True
+    c.on_bad_data = "report"
 
     c.shapes = ml_collections.ConfigDict()
     c.shapes.num_train = 2000

@@ -22,7 +22,7 @@ COUNT_KEYS: tuple[str, ...] = (
     "boxes_degenerate_dropped",  # zero width or height (after clipping)
     "boxes_unknown_class_dropped",  # category id not in the label map
     "boxes_crowd_dropped",  # crowd boxes removed from training examples
-    "boxes_over_max_dropped",  # more than max_instances_per_image: the tail was dropped
+    "boxes_over_max_dropped",  # beyond max_instances_per_image: the smallest were dropped
     "boxes_cropped_out",  # training crop left a box with zero area (normal augmentation)
     "padding_examples",  # eval batches padded to a fixed size (image_id == -1)
 )

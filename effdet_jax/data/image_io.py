@@ -11,6 +11,12 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 
+def is_converted(mode: str) -> bool:
+    """Whether a file of PIL ``mode`` is converted to RGB on decoding (anything but ``"RGB"``:
+    grayscale, RGBA, CMYK, palette, 16-bit...)."""
+    return mode != "RGB"
+
+
 class UnreadableImageError(ValueError):
     """An image file that cannot be opened or decoded; the message names the file."""
 
@@ -29,7 +35,7 @@ def decode_rgb(data: bytes, name: str = "<bytes>") -> tuple[np.ndarray, bool]:
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
-            converted = im.mode != "RGB"
+            converted = is_converted(im.mode)
             if im.mode in ("I;16", "I;16B", "I;16L", "I"):
                 # 16/32-bit grayscale: keep the top 8 bits instead of PIL's clipping to 255.
                 arr = np.asarray(im, dtype=np.int64)

@@ -105,15 +105,27 @@ def nonzero_area(boxes: tf.Tensor) -> tf.Tensor:
 def pad_to_max(
     boxes: tf.Tensor, classes: tf.Tensor, max_instances: int
 ) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
-    """Keep the first ``max_instances`` boxes and pad to exactly that many.
+    """Fit one image's boxes into exactly ``max_instances`` rows; the one place that decides
+    which boxes a batch keeps.
+
+    Beyond ``max_instances`` boxes, the largest by area are kept, in their original order (equal
+    areas keep the earlier box): the json's order is arbitrary, and the smallest boxes are the
+    ones the coarse anchor grid matches worst.
+
+    Args:
+      boxes: [N,4] yxyx (any units).
+      classes: [N] int32.
+      max_instances: M.
 
     Returns:
       (boxes [M,4] padded with -1, classes [M] padded with -1, number of boxes dropped).
     """
     n = tf.shape(boxes)[0]
     dropped = tf.maximum(n - max_instances, 0)
-    boxes = boxes[:max_instances]
-    classes = classes[:max_instances]
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    keep = tf.sort(tf.argsort(-area, stable=True)[:max_instances])
+    boxes = tf.gather(boxes, keep)
+    classes = tf.gather(classes, keep)
     pad = max_instances - tf.shape(boxes)[0]
     boxes = tf.pad(boxes, [[0, pad], [0, 0]], constant_values=-1.0)
     classes = tf.pad(classes, [[0, pad]], constant_values=PADDING)

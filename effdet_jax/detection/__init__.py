@@ -17,7 +17,6 @@ from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.detection.targets import (
     assign_targets,
     flatten_level_outputs,
-    pad_or_truncate_gt,
     split_levels,
 )
 
@@ -35,7 +34,6 @@ __all__ = [
     "num_anchors",
     "num_anchors_per_level",
     "num_anchors_per_location",
-    "pad_or_truncate_gt",
     "postprocess",
     "split_levels",
 ]

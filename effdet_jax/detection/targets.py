@@ -47,37 +47,6 @@ PADDING = -1
 CROWD = -2
 
 
-def pad_or_truncate_gt(
-    boxes: np.ndarray, classes: np.ndarray, max_instances: int = 100
-) -> tuple[np.ndarray, np.ndarray, int]:
-    """Host-side: fit one image's ground truth into ``max_instances`` fixed rows.
-
-    Args:
-      boxes: ``[N, 4]`` yxyx pixels (any N, including 0).
-      classes: ``[N]`` int, 0-based; ``-1`` rows are padding and are dropped first.
-    Returns:
-      ``(boxes [max_instances, 4] float32, classes [max_instances] int32, num_dropped)``. Padding
-      rows are ``-1`` boxes with class ``-1``. When there are more than ``max_instances`` real
-      boxes, the largest by area are kept (in their original order: area ties keep the earlier
-      box) and ``num_dropped`` counts the rest, so the data pipeline can report it; it never
-      raises.
-    """
-    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
-    classes = np.asarray(classes, np.int32).reshape(-1)
-    real = classes != PADDING
-    boxes, classes = boxes[real], classes[real]
-    num_dropped = max(len(classes) - max_instances, 0)
-    if num_dropped:
-        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
-        keep = np.sort(np.argsort(-area, kind="stable")[:max_instances])
-        boxes, classes = boxes[keep], classes[keep]
-    out_boxes = np.full((max_instances, 4), -1.0, np.float32)
-    out_classes = np.full((max_instances,), PADDING, np.int32)
-    out_boxes[: len(classes)] = boxes
-    out_classes[: len(classes)] = classes
-    return out_boxes, out_classes, int(num_dropped)
-
-
 def first_argmax(x: jax.Array, x_max: jax.Array, axis: int) -> jax.Array:
     """``jnp.argmax(x, axis)`` (the first index on ties) given ``x_max = jnp.max(x, axis)``.
 

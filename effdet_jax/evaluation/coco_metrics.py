@@ -51,12 +51,16 @@ class CocoEvaluator:
       label_map: maps 0-based label indices to the dataset's category ids and names.
       gt_annotations: COCO json of the ground truth; None to build it from ``add_groundtruth``.
       per_class: also report ``AP/<class name>`` (AP@[.5:.95] per category).
+      image_sizes: ``{image_id: (height, width)}`` of the decoded files; where given they win
+        over the json's ``height``/``width`` for clipping the ground truth.
     """
 
     def __init__(self, label_map: LabelMap, gt_annotations: str | None = None,
-                 per_class: bool = False):
+                 per_class: bool = False,
+                 image_sizes: dict[int, tuple[int, int]] | None = None):
         self.label_map = label_map
         self.gt_annotations = gt_annotations
+        self.image_sizes = image_sizes
         self.per_class = per_class
         # What the box rule did to the json's annotations; set by ``evaluate`` (None before, and
         # without a json).
@@ -176,7 +180,7 @@ class CocoEvaluator:
             if self.gt_annotations is not None:
                 with open(self.gt_annotations) as f:
                     dataset, self.gt_report = sanitize_coco_dataset(
-                        json.load(f), set(self.label_map.category_lookup()))
+                        json.load(f), set(self.label_map.category_lookup()), self.image_sizes)
                 gt = COCO()
                 gt.dataset = dataset
                 gt.createIndex()

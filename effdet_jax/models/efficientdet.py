@@ -37,7 +37,8 @@ class EfficientDet(nn.Module):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         endpoints = EfficientNet(
-            cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat, name="backbone",
+            cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat != "none",
+            name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
         feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
@@ -52,7 +53,7 @@ class EfficientDet(nn.Module):
                     f"config.image_size={cfg.image_size}, got {images.shape[1:3]}"
                 )
 
-        cell_cls = nn.remat(BiFPNCell, static_argnums=(2,)) if cfg.remat else BiFPNCell
+        cell_cls = nn.remat(BiFPNCell, static_argnums=(2,)) if cfg.remat != "none" else BiFPNCell
         for c in range(cfg.fpn_cell_repeats):
             feats = cell_cls(
                 min_level=cfg.min_level,
@@ -66,7 +67,11 @@ class EfficientDet(nn.Module):
                 name=f"fpn_cell_{c}",
             )(feats, train)
 
-        head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
+        head_cls = (
+            nn.remat(PredictionHead, static_argnums=(2,)) if cfg.remat == "blocks+heads"
+            else PredictionHead
+        )
+        head = lambda outputs, prior, name: head_cls(  # noqa: E731
             num_outputs=outputs,
             num_anchors=cfg.num_anchors,
             features=cfg.fpn_num_filters,
@@ -92,6 +97,6 @@ def efficientdet(name: str = "efficientdet-d0", num_classes: int = 90, **overrid
     """Build ``efficientdet-d0`` .. ``d7``, ``d7x``, ``efficientdet-lite0`` .. ``lite4``, ``lite3x``.
 
     ``overrides`` set any ``EfficientDetConfig`` field (``image_size=256``,
-    ``fpn_weight_method="attn"``, ``dtype="bfloat16"``, ``remat=True``, ...).
+    ``fpn_weight_method="attn"``, ``dtype="bfloat16"``, ``remat="blocks"``, ...).
     """
     return EfficientDet(get_efficientdet_config(name, num_classes=num_classes, **overrides))

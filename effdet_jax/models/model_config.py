@@ -22,6 +22,9 @@ from effdet_jax.ops.policy import MODES as CPU_KERNEL_MODES
 from effdet_jax.ops.policy import resolve as resolve_cpu_kernels
 
 DTYPES = ("float32", "bfloat16", "float16")
+# What the backward pass recomputes instead of storing: nothing, the backbone's MBConv blocks and the
+# BiFPN cells, or those and the two prediction heads (whose P3 activations are the largest).
+REMAT_POLICIES = ("none", "blocks", "blocks+heads")
 
 # Input normalisation ``(u8 - mean_rgb) / stddev_rgb`` per RGB channel, in uint8 pixel units as in
 # automl's ``mean_rgb`` / ``stddev_rgb``: ImageNet statistics for D0-D7x, 127 / 128 for lite models.
@@ -99,7 +102,9 @@ class EfficientDetConfig:
       cpu_kernels: the hand-written XLA:CPU kernels, ``auto`` (on CPU where they build) | ``off``
         (XLA's own ops on every platform) | ``require`` (error naming why they cannot be built);
         ``None``: ``$EFFDET_JAX_CPU_KERNELS``, else ``auto`` (``effdet_jax.ops.policy``).
-      remat: rematerialise backbone blocks and BiFPN cells in the backward pass.
+      remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none``, ``blocks``
+        (backbone blocks and BiFPN cells) or ``blocks+heads`` (also the class and box heads);
+        ``True`` / ``False`` mean ``blocks`` / ``none``.
     """
 
     name: str = "efficientdet-d0"
@@ -125,11 +130,13 @@ class EfficientDetConfig:
     head_drop_connect_rate: float | None = None
     dtype: str = "float32"
     cpu_kernels: str | None = None
-    remat: bool = False
+    remat: str = "none"
 
     def __post_init__(self):
         if isinstance(self.backbone_overrides, dict):
             object.__setattr__(self, "backbone_overrides", tuple(self.backbone_overrides.items()))
+        if isinstance(self.remat, bool):
+            object.__setattr__(self, "remat", "blocks" if self.remat else "none")
         if isinstance(self.image_size, int):
             object.__setattr__(self, "image_size", (self.image_size, self.image_size))
         else:
@@ -152,6 +159,7 @@ class EfficientDetConfig:
             ("drop_connect_variant", self.drop_connect_variant, DROP_CONNECT_VARIANTS),
             ("dtype", self.dtype, DTYPES),
             ("activation", self.activation, tuple(ACTIVATIONS)),
+            ("remat", self.remat, REMAT_POLICIES),
         ]
         if self.cpu_kernels is not None:
             checks.append(("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES))

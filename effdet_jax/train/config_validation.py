@@ -12,6 +12,7 @@ from typing import Any
 import ml_collections
 
 from effdet_jax.data.config import known_num_classes, validate_data_config
+from effdet_jax.data.report import ON_BAD_DATA
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
 from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, PostprocessConfig
 from effdet_jax.models import model_config
@@ -94,9 +95,15 @@ def validate_config(
     _one_of(config, "train.lr_schedule", LR_SCHEDULES)
     _one_of(config, "train.nonfinite_policy", NONFINITE_POLICIES)
     _one_of(config, "model.dtype", model_config.DTYPES)
+    _check(config.model.dtype != "float16", "model.dtype", config.model.dtype,
+           "'float32' or 'bfloat16' for training and evaluation: float16 activations need loss "
+           "scaling, which the train step does not do (bfloat16 has float32's range and needs "
+           "none); float16 is for the library's inference-only use")
+    _one_of(config, "model.remat", model_config.REMAT_POLICIES)
     _one_of(config, "eval.postprocess.method", NMS_METHODS)
     _one_of(config, "eval.postprocess.candidates", CANDIDATE_MODES)
     _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))
+    _one_of(config, "data.on_bad_data", ON_BAD_DATA)
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
                 "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
                 "checkpoint.every_steps", "eval.every_steps", "model.num_classes"):

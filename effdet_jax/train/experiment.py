@@ -63,7 +63,7 @@ def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
         if model_cfg[key] is not None
     }
     overrides["dtype"] = model_cfg.dtype
-    overrides["remat"] = bool(model_cfg.remat)
+    overrides["remat"] = model_cfg.remat
     overrides.update(model_cfg.overrides.to_dict())
     return overrides
 

@@ -24,6 +24,7 @@ import logging as pylogging
 import os
 import signal
 import threading
+import time
 from typing import Any
 
 import jax
@@ -35,10 +36,11 @@ from jax.experimental import multihost_utils
 
 from effdet_jax import evaluation, visualize
 from effdet_jax.data import counts as data_counts
+from effdet_jax.data import report as data_report
 from effdet_jax.data.class_names import label_names
 from effdet_jax.data.sources import check_available
 from effdet_jax.data.transforms import Normalization, denormalize_image
-from effdet_jax.train import batches, checkpointing, initialization, optimizer
+from effdet_jax.train import batches, checkpointing, compile_cache, initialization, optimizer
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import ConfigError, validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
@@ -176,13 +178,21 @@ def maybe_initialize_distributed() -> bool:
     return False
 
 
-def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = ()) -> Experiment:
+def setup(config: ml_collections.ConfigDict, splits: tuple[str, ...] = (),
+          workdir: str | None = None) -> Experiment:
     """Distributed start-up (if asked for), config validation, the presence of the data of
-    ``splits`` (``"train"``, ``"eval"``), then the experiment: a missing dataset fails in seconds,
-    before the model is built or anything is compiled."""
+    ``splits`` (``"train"``, ``"eval"``), the data report (``data.report``; written to
+    ``workdir`` by process 0 when ``workdir`` is given), then the experiment: a missing dataset
+    or bad data under ``on_bad_data="error"`` fails in seconds, before the model is built or
+    anything is compiled."""
     maybe_initialize_distributed()
     validate_config(config, num_devices=jax.device_count())
     check_available(config.data, splits)
+    if workdir is not None:
+        data_report.report_data(config.data, splits,
+                                workdir if jax.process_index() == 0 else None)
+    directory = compile_cache.enable(config.compilation_cache)
+    logging.info("persistent compilation cache: %s", directory or "off")
     return build_experiment(config)
 
 
@@ -205,7 +215,7 @@ def train_and_evaluate(
 
     Returns the last eval metrics (empty without evaluation).
     """
-    exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",))
+    exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
     _log_trainable(exp)
     primary = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
@@ -252,7 +262,14 @@ def train_and_evaluate(
                 host_batch = next(train_iter)
                 data_counts.accumulate(counts_total, host_batch.get("counts", {}))
                 batch = host_batch_to_global(host_batch, exp.batch_sharding, TRAIN_KEYS)
+                if step == start + 1:
+                    cache_before, t0 = compile_cache.CacheEvents.snapshot(), time.perf_counter()
                 state, device_metrics = exp.train_step(state, batch)
+                if step == start + 1:
+                    logging.info("train step ready after %.1f s: %s", time.perf_counter() - t0,
+                                 compile_cache.describe(cache_before, jax.config.jax_compilation_cache_dir
+                                                        if jax.config.jax_enable_compilation_cache
+                                                        else None))
                 drain()  # the previous step's metrics, fetched while this one runs
                 pending = (step, device_metrics, dict(counts_total))
                 for hook in hooks:
@@ -329,7 +346,8 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     """
     config = exp.config
     pipeline = batches.eval_pipeline(config, exp.image_size)
-    evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations)
+    evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations,
+                                         image_sizes=data_report.eval_image_sizes(config.data))
     variables = exp.eval_variables(state)
     num_batches = pipeline.num_batches
     if config.eval.num_images is not None:
@@ -352,6 +370,7 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
     logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
     _log_eval_data(evaluator, counts_total)
     writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    writer.write_scalars(step, data_report.eval_scalars(evaluator.gt_report, counts_total))
     if summary_images is not None:
         writer.write_images(step, {"eval/detections": summary_images})
     return metrics
@@ -366,6 +385,10 @@ def _log_eval_data(evaluator: evaluation.CocoEvaluator, counts: dict[str, int]) 
     else:
         dropped = sum(v for k, v in counts.items() if k.startswith("boxes_") and "dropped" in k)
         gt = f"{dropped} ground-truth boxes dropped"
+        if counts.get("boxes_over_max_dropped", 0):
+            # Without a json the ground truth is read from the eval batches, M rows per image.
+            gt += (f" ({counts['boxes_over_max_dropped']} of them beyond "
+                   "config.data.max_instances_per_image, the smallest: raise it to score them)")
     logging.info("eval data: %d images skipped as unreadable, %s; pipeline counts: %s",
                  counts.get("images_unreadable", 0), gt, data_counts.format_counts(counts))
 

@@ -9,7 +9,7 @@ from effdet_jax.data.counts import zero_counts
 from effdet_jax.data.pipeline import eval_example, train_example
 from effdet_jax.data.sources.base import Source
 from effdet_jax.data.sources.shapes import shapes_label_map
-from effdet_jax.data.transforms import denormalize_image, normalize_image
+from effdet_jax.data.transforms import denormalize_image, normalize_image, pad_to_max
 from effdet_jax.models.model_config import IMAGENET_NORMALIZATION as IMAGENET
 
 H, W, S = 90, 150, 64
@@ -125,3 +125,18 @@ def test_translate_moves_boxes_with_pixels():
         np.testing.assert_allclose([ys.min(), xs.min(), ys.max() + 1, xs.max() + 1], box,
                                    atol=1e-3)
         assert abs(box[1] - RECT[1]) == pytest.approx(25, abs=1e-4)  # 250 px * level 1 / 10
+
+
+def test_pad_to_max_keeps_the_largest_boxes_in_their_order():
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 50, 50], [0, 0, 1, 1], [0, 0, 30, 30],
+                      [5, 5, 35, 35]], np.float32)  # areas 100, 2500, 1, 900, 900 (a tie)
+    classes = np.arange(5, dtype=np.int32)
+    out_b, out_c, dropped = pad_to_max(tf.constant(boxes), tf.constant(classes), 2)
+    assert int(dropped) == 3
+    np.testing.assert_array_equal(out_c.numpy(), [1, 3])  # largest; the tie keeps the earlier
+    np.testing.assert_array_equal(out_b.numpy(), boxes[[1, 3]])
+    out_b, out_c, dropped = pad_to_max(tf.constant(boxes[:1]), tf.constant(classes[:1]), 3)
+    assert int(dropped) == 0 and out_c.numpy().tolist() == [0, -1, -1]
+    assert np.all(out_b.numpy()[1:] == -1)
+    out_b, out_c, dropped = pad_to_max(tf.zeros([0, 4]), tf.zeros([0], tf.int32), 2)
+    assert int(dropped) == 0 and out_c.numpy().tolist() == [-1, -1] and out_b.shape == (2, 4)

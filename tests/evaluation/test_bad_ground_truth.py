@@ -168,3 +168,18 @@ def test_missing_fields_pycocotools_needs_are_filled():
     a, b = cleaned["annotations"]
     assert (a["id"], a["iscrowd"], a["area"]) == (6, 0, 12.0)
     assert b["area"] == 12.0 and report.num_kept == 2
+
+
+def test_the_files_size_wins_over_the_jsons_and_unknown_images_are_counted():
+    ann = _ann(1, [60, 50, 60, 40])  # x1 = 120: outside the json's 80x100 (height, width)
+    data = _dataset([ann, {**_ann(2, [0, 0, 5, 5]), "image_id": 8}, _ann(3, [1, 1, 0, 0])])
+    out, report = sanitize_coco_dataset(data, {1})
+    assert out["annotations"][0]["bbox"] == [60.0, 50.0, 40.0, 30.0]  # clipped to 80x100
+    # The file is 200x200 (height, width): the box is inside it and stays as it is.
+    out, report = sanitize_coco_dataset(data, {1}, image_sizes={7: (200, 200)})
+    assert out["annotations"][0]["bbox"] == [60, 50, 60, 40]
+    assert report.counts["boxes_clipped"] == 0
+    assert (report.num_unknown_image, report.unknown_image_examples) == (1, [2])
+    assert report.num_dropped == 2  # the unknown image's and the zero-area one
+    assert report.first_flagged == (1, "boxes_unknown_image_dropped")  # before ann 3 (pos. 2)
+    assert "boxes_unknown_image_dropped=1 (e.g. annotation ids [2])" in report.format()

@@ -132,7 +132,7 @@ def _ours(config) -> dict[str, Any]:
         "box_class_repeats": model.box_class_repeats,
         "separable_conv": model.separable_conv,
         "mixed_precision": model.dtype != "float32",
-        "grad_checkpoint": model.remat,
+        "grad_checkpoint": model.remat != "none",
         "label_map": data.label_space,
         "input_rand_hflip": data.hflip,
         "jitter_min": data.jitter_min,

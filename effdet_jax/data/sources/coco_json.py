@@ -101,15 +101,19 @@ def make_coco_json_source(
     return Source(
         records=shard_range(len(index), process_index, process_count),
         num_records=shard_size(len(index), process_index, process_count),
-        decode=make_decode(index),
+        decode=make_decode(index, strict=config.on_bad_data == "error"),
         label_map=index.label_map,
         gt_annotations=ann,
         total_records=len(index),
     )
 
 
-def make_decode(index: CocoJsonIndex):
-    """record (int64 image index) -> example dict (see ``sources/base.py``)."""
+def make_decode(index: CocoJsonIndex, strict: bool = False):
+    """record (int64 image index) -> example dict (see ``sources/base.py``).
+
+    A file that cannot be decoded becomes an empty example (counted ``images_unreadable``), or,
+    with ``strict`` (``on_bad_data="error"``), stops the pipeline with an error naming it.
+    """
     lookup = index.label_map.category_lookup()
     warned: set[str] = set()
     lock = threading.Lock()
@@ -122,6 +126,8 @@ def make_decode(index: CocoJsonIndex):
         try:
             image, converted = read_rgb(path)
         except UnreadableImageError as e:
+            if strict:
+                raise UnreadableImageError(f"{e} (config.data.on_bad_data='error')") from e
             with lock:
                 if path not in warned:  # once per file, not once per epoch
                     warned.add(path)

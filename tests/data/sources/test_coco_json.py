@@ -122,3 +122,10 @@ def test_bad_json_fails_with_the_file_name(tmp_path):
     bad.write_text(json.dumps({"annotations": []}))
     with pytest.raises(ValueError, match="has no 'images' list"):
         make_eval_pipeline(c, S, 2, normalization=IMAGENET)
+
+
+def test_on_bad_data_error_stops_at_a_file_that_fails_to_decode(tmp_path):
+    c = _config(*_write_folder(tmp_path))
+    c.on_bad_data = "error"
+    with pytest.raises(Exception, match=r"cannot (decode|read) image .*(broken|missing)\.jpg"):
+        list(make_eval_pipeline(c, S, 8, normalization=IMAGENET))

@@ -1,0 +1,124 @@
+"""Compile cost of each config's train step: StableHLO size, lowering time, compile time, peak RSS.
+
+What stands between a user and a big config is XLA compile time and memory. Each case runs in a
+fresh process (no persistent compilation cache, nothing compiled before) on a one-device mesh: it
+builds the config's experiment (``configs/<name>.py``, with ``image_size`` and ``batch`` as given),
+lowers the jitted train step on abstract inputs (shape-only: no state is initialised), and compiles
+it. Reported per case:
+
+- ``lower_s``: tracing + lowering (Python and JAX side),
+- ``stablehlo_lines`` / ``stablehlo_mb``: size of the lowered module's text,
+- ``compile_s``: XLA's compile of that module,
+- ``max_rss_mb``: the process's peak resident set size (compilation included).
+
+    .venv/bin/python benchmarks/bench_compile.py --configs d0,d3 --image-size 512 --batch 8
+    .venv/bin/python benchmarks/bench_compile.py --configs d7x --image-size 256 --batch 8 \
+        --out benchmarks/results/compile_cpu.json
+
+Compiling is CPU-bound: measure on an otherwise idle machine (the driver waits for a low load and
+records the load before and after each case).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import (  # noqa: E402
+    JAX_PYTHON,
+    emit,
+    machine_info,
+    max_rss_mb,
+    pin_threads,
+    run_case,
+    wait_for_low_load,
+)
+
+
+def measure(case: dict) -> dict:
+    """One case in this process: build, lower, compile the config's train step."""
+    pin_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    import importlib
+
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+    import jax
+    import numpy as np
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    from effdet_jax.train import experiment
+    from effdet_jax.train.config_validation import validate_config
+
+    config = importlib.import_module(f"configs.{case['config']}").get_config()
+    config.model.image_size = case["image_size"]
+    config.train.batch_size = case["batch"]
+    config.mesh.data = 1
+    config.model.overrides.cpu_kernels = case.get("cpu_kernels", "auto")
+    validate_config(config, num_devices=1)
+    exp = experiment.build_experiment(config)
+    state = jax.tree.map(
+        lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+        exp.abstract_state, exp.state_shardings,
+    )
+    b, s, m = case["batch"], exp.image_size, config.data.max_instances_per_image
+    batch = {
+        "images": jax.ShapeDtypeStruct((b, s, s, 3), np.float32, sharding=exp.batch_sharding),
+        "boxes": jax.ShapeDtypeStruct((b, m, 4), np.float32, sharding=exp.batch_sharding),
+        "classes": jax.ShapeDtypeStruct((b, m), np.int32, sharding=exp.batch_sharding),
+    }
+    t0 = time.perf_counter()
+    with jax.set_mesh(exp.mesh):
+        lowered = exp.train_step.lower(state, batch)
+    text = lowered.as_text()
+    t1 = time.perf_counter()
+    lowered.compile()
+    t2 = time.perf_counter()
+    return {
+        **case,
+        "backend": jax.default_backend(),
+        "lower_s": round(t1 - t0, 2),
+        "stablehlo_lines": text.count("\n"),
+        "stablehlo_mb": round(len(text) / 2**20, 2),
+        "compile_s": round(t2 - t1, 2),
+        "max_rss_mb": round(max_rss_mb()),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", help="internal: one case as JSON, run in this process")
+    parser.add_argument("--configs", default="d0,d3")
+    parser.add_argument("--image-size", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "off"))
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--max-load", type=float, default=0.5)
+    parser.add_argument("--timeout", type=float, default=3600)
+    parser.add_argument("--out", help="append the results (with machine facts) to this JSON file")
+    args = parser.parse_args()
+    if args.case:
+        emit(measure(json.loads(args.case)))
+        return
+    results = []
+    for name in args.configs.split(","):
+        case = {"config": name, "image_size": args.image_size, "batch": args.batch,
+                "cpu_kernels": args.cpu_kernels}
+        wait_for_low_load(args.max_load, timeout_s=600)
+        result = run_case(JAX_PYTHON, __file__, case, args.threads, timeout_s=args.timeout)
+        print(json.dumps(result), flush=True)
+        results.append(result)
+    if args.out:
+        record = {"machine": machine_info(), "results": results}
+        existing = []
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                existing = json.load(f)
+        with open(args.out, "w") as f:
+            json.dump(existing + [record], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
