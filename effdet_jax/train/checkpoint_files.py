@@ -228,14 +228,43 @@ def _read_workdir(workdir: str, selector: str, use_ema: bool) -> CheckpointFile:
     import orbax.checkpoint as ocp
     from flax import traverse_util
 
-    from effdet_jax.train.checkpointing import BEST_METRIC
-
     directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
     manager = ocp.CheckpointManager(
         directory,
         options=ocp.CheckpointManagerOptions(read_only=True),
         item_handlers={"meta": ocp.JsonCheckpointHandler()},
     )
+    try:
+        step = _select_step(manager, workdir, directory, selector)
+    finally:
+        manager.close()
+    path = os.path.join(directory, str(step), "state")
+    checkpointer = ocp.PyTreeCheckpointer()
+
+    def restore():
+        tree = dict(checkpointer.metadata(path).item_metadata)
+        names = ("ema_params", "ema_batch_stats") if use_ema else ("params", "batch_stats")
+        item = {k: tree[k] for k in names}
+        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
+        return checkpointer.restore(
+            path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
+        ), names
+
+    restored, names = _guarded(path, f"orbax checkpoint of step {step}", restore)
+    flat = traverse_util.flatten_dict(
+        {"params": restored[names[0]], "batch_stats": restored[names[1]]}, sep="/"
+    )
+    copies = "EMA copies" if use_ema else "raw weights"
+    return CheckpointFile(f"{workdir}:{step}", f"effdet_jax run, step {step} ({copies})",
+                          "effdet_jax", {k: np.asarray(v) for k, v in flat.items()})
+
+
+def _select_step(manager, workdir: str, directory: str, selector: str) -> int:
+    """The step ``selector`` (``latest``, ``best`` or a number) names in ``manager``."""
+    import orbax.checkpoint as ocp
+
+    from effdet_jax.train.checkpointing import BEST_METRIC
+
     steps = list(manager.all_steps())
     if not steps:
         raise CheckpointFileError(f"{workdir}: a workdir without any checkpoint in {directory}")
@@ -258,24 +287,4 @@ def _read_workdir(workdir: str, selector: str, use_ema: bool) -> CheckpointFile:
         step = int(selector)
         if step not in steps:
             raise CheckpointFileError(f"{workdir}:{step}: no such step; the workdir has {steps}")
-    manager.close()
-    path = os.path.join(directory, str(step), "state")
-    checkpointer = ocp.PyTreeCheckpointer()
-
-    def restore():
-        tree = dict(checkpointer.metadata(path).item_metadata)
-        names = ("ema_params", "ema_batch_stats") if use_ema else ("params", "batch_stats")
-        item = {k: tree[k] for k in names}
-        args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), item)
-        return checkpointer.restore(
-            path, args=ocp.args.PyTreeRestore(item=item, restore_args=args, partial_restore=True)
-        ), names
-
-    restored, names = _guarded(path, f"orbax checkpoint of step {step}", restore)
-    flat = traverse_util.flatten_dict(
-        {"params": restored[names[0]], "batch_stats": restored[names[1]]}, sep="/"
-    )
-    copies = "EMA copies" if use_ema else "raw weights"
-    return CheckpointFile(f"{workdir}:{step}", f"effdet_jax run, step {step} ({copies})",
-                          "effdet_jax", {k: np.asarray(v) for k, v in flat.items()})
-
+    return step
