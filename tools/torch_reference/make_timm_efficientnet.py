@@ -3,7 +3,8 @@
 Random init (no download) with randomised BN statistics. For each model ``M`` the npz holds
 ``M/sd/<timm name>`` (numpy arrays), ``M/input`` ``[N, H, W, 3]`` (NHWC), ``M/logits``
 ``[N, 1000]`` and ``M/features_<stride>`` (NHWC backbone features at strides 8, 16, 32, i.e. the
-P3-P5 inputs of an EfficientDet, from timm's ``features_only`` model with the same weights). Models: B0 at 224, B2 at 192 (a scaled variant), lite0 at 224 (relu6, no SE).
+P3-P5 inputs of an EfficientDet, from timm's ``features_only`` model with the same weights).
+Models: B0 at 224, B2 at 192 (a scaled variant), lite0 at 224 (relu6, no SE).
 """
 
 import numpy as np
