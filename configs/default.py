@@ -45,8 +45,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_connect_variant = config_dict.placeholder(str)
     # Compute dtype of activations ("bfloat16" for mixed precision); params and losses stay f32.
     config.model.dtype = "float32"
-    # What the backward pass recomputes to save memory: none | blocks | blocks+heads
-    # (model_config.REMAT_POLICIES).
+    # What the backward pass recomputes to save memory: none | blocks (model_config.REMAT_POLICIES).
     config.model.remat = "none"
     # Any other field of the model table, e.g. {"fpn_num_filters": 16}; unknown names fail early.
     config.model.overrides = ml_collections.ConfigDict()

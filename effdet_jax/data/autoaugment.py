@@ -1,149 +1,253 @@
-"""AutoAugment (detection policy v0, a subset) and RandAugment on uint8 images with boxes.
+"""automl's AutoAugment detection policies (v0..v3) and RandAugment, as TF ops inside tf.data.
 
-Implemented ops: ``TranslateX_BBox``, ``TranslateY_BBox``, ``Equalize``, ``Cutout``,
-``Sharpness``, ``Color``, ``Brightness``, ``Contrast``. Policy v0's ``ShearX_BBox``,
-``ShearY_BBox``, ``Rotate_BBox`` and ``TranslateY_Only_BBoxes`` are **not** implemented and act as
-the identity, so v0 here keeps its sub-policy structure (5 sub-policies, one drawn per image, each
-op applied with its probability) with those ops skipped. Magnitudes follow automl's constants:
-translate ``250 * level / 10`` px, cutout ``100 * level / 10`` px, enhance factors
-``level / 10 * 1.8 + 0.1``; the fill value is 128. Boxes are yxyx normalised to the image.
+``distort`` is called by the training pipeline on the decoded uint8 ``[height, width, 3]`` image
+and its ``[N, 4]`` boxes, yxyx normalised to the image (before normalisation, flip and scale
+jitter, as in automl's dataloader). The policy tables are in ``autoaugment_policies.py``; the ops
+in ``augment_ops.py`` (image only) and ``augment_boxes.py`` (boxes).
+
+Level -> argument (automl's ``level_to_arg``; ``L = level / 10``; "+-" = sign drawn per use):
+
+======================== ===========================================================
+op                       argument
+======================== ===========================================================
+AutoContrast, Equalize   none
+Posterize                bits ``int(L * 4)``
+Solarize                 threshold ``int(L * 256)`` mod 256 (automl compares in uint8)
+SolarizeAdd              addition ``int(L * 110)`` (threshold 128)
+Color/Contrast/          factor ``L * 1.8 + 0.1``
+Brightness/Sharpness
+Cutout                   half size ``int(L * 100)`` px
+BBox_Cutout              pad fraction ``L * 0.75``
+TranslateX/Y_BBox        +- ``L * 250`` px
+ShearX/Y_BBox (+_Only)   +- ``L * 0.3``
+Rotate_BBox (+_Only)     +- ``L * 30`` degrees
+TranslateX/Y_Only_BBoxes +- ``L * 120`` px
+Solarize_Only_BBoxes     threshold ``int(L * 256)``
+Cutout_Only_BBoxes       half size ``int(L * 50)`` px
+Flip/Equalize_Only       none
+======================== ===========================================================
+
+Probabilities: a policy step runs with its probability; a ``*_Only_BBoxes`` step always runs and
+applies its op to each box with ``probability / 3``. RandAugment draws one op of
+``RANDAUGMENT_OPS`` per layer and always applies it at ``magnitude``. Randomness is stateless,
+from the ``seed`` argument, so the same seed gives the same result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import tensorflow as tf
 
-TRANSLATE_CONST = 250.0
-CUTOUT_CONST = 100.0
-FILL = 128
-
-# automl policy v0: (op, probability, level) pairs per sub-policy.
-POLICY_V0 = (
-    (("TranslateX_BBox", 0.6, 4), ("Equalize", 0.8, 10)),
-    (("TranslateY_Only_BBoxes", 0.2, 2), ("Cutout", 0.8, 8)),
-    (("Sharpness", 0.0, 8), ("ShearX_BBox", 0.4, 0)),
-    (("ShearY_BBox", 1.0, 2), ("TranslateY_Only_BBoxes", 0.6, 6)),
-    (("Rotate_BBox", 0.6, 10), ("Color", 1.0, 6)),
+from effdet_jax.data import augment_boxes as B
+from effdet_jax.data import augment_ops as O
+from effdet_jax.data.autoaugment_policies import (
+    MAX_LEVEL,
+    POLICIES,
+    RANDAUG_LAYERS,
+    RANDAUG_MAGNITUDE,
+    RANDAUG_POLICY,
+    RANDAUGMENT_OPS,
 )
-RANDAUGMENT_OPS = ("TranslateX_BBox", "TranslateY_BBox", "Equalize", "Cutout", "Sharpness",
-                   "Color", "Brightness", "Contrast")
+
+# automl's ``augmentation_hparams`` (cutout_bbox_replace_with_mean=False: cutouts fill 128).
+TRANSLATE_CONST = 250.0
+TRANSLATE_BBOX_CONST = 120.0
+CUTOUT_CONST = 100.0
+CUTOUT_BBOX_CONST = 50.0
+CUTOUT_MAX_PAD_FRACTION = 0.75
 
 
-def _blend(a: tf.Tensor, b: tf.Tensor, factor: float) -> tf.Tensor:
-    """a + factor * (b - a), clipped to uint8 (factor 0 -> a, 1 -> b)."""
-    a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
-    return tf.cast(tf.clip_by_value(a + factor * (b - a), 0, 255), tf.uint8)
+def enhance_factor(level: float) -> float:
+    """Colour / Contrast / Brightness / Sharpness blend factor: 0.1 at level 0, 1.9 at 10."""
+    return level / MAX_LEVEL * 1.8 + 0.1
 
 
-def _enhance(level: float) -> float:
-    return level / 10.0 * 1.8 + 0.1
+def _scaled(const: float) -> Callable[[float], float]:
+    return lambda level: level / MAX_LEVEL * const
 
 
-def _translate(image, boxes, pixels: tf.Tensor, axis: int):
-    """Shift content by ``pixels`` along ``axis`` (0 = y, 1 = x), filling with ``FILL``."""
-    size = tf.shape(image)[axis]
-    p = tf.clip_by_value(tf.cast(pixels, tf.int32), -size, size)
-    shifted = tf.roll(image, p, axis=axis)
-    idx = tf.range(size)
-    valid = (idx >= p) & (idx < size + p)
-    valid = valid[:, None, None] if axis == 0 else valid[None, :, None]
-    image = tf.where(valid, shifted, tf.cast(FILL, tf.uint8))
-    delta = tf.cast(p, tf.float32) / tf.cast(size, tf.float32)
-    shift = [delta, 0.0, delta, 0.0] if axis == 0 else [0.0, delta, 0.0, delta]
-    return image, tf.clip_by_value(boxes + tf.stack(shift), 0.0, 1.0)
+def _truncated(const: float) -> Callable[[float], float]:
+    return lambda level: float(int(level / MAX_LEVEL * const))
 
 
-def _equalize(image):
-    def channel(c):
-        c = tf.cast(c, tf.int32)
-        hist = tf.math.bincount(c, minlength=256, maxlength=256)
-        nonzero = tf.boolean_mask(hist, hist > 0)
-        step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-
-        def apply():
-            lut = (tf.cumsum(hist) - hist + step // 2) // tf.maximum(step, 1)
-            return tf.gather(tf.clip_by_value(lut, 0, 255), c)
-
-        return tf.cast(tf.cond(step > 0, apply, lambda: c), tf.uint8)
-
-    return tf.stack([channel(image[..., i]) for i in range(3)], axis=-1)
+def _no_arg(level: float) -> float:
+    return 0.0
 
 
-def _sharpness(image, factor):
-    x = tf.cast(image, tf.float32)[None]
-    k = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-    k = tf.tile(k[:, :, None, None], [1, 1, 3, 1])
-    blurred = tf.nn.depthwise_conv2d(x, k, [1, 1, 1, 1], "SAME")[0]
-    return _blend(blurred, image, factor)
+def _signed(value: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+    """``value`` or ``-value`` with probability 1/2 each."""
+    return tf.where(tf.random.stateless_uniform([], seed) < 0.5, -value, value)
 
 
-def _cutout(image, size: float, seed):
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    c = tf.random.stateless_uniform([2], seed)
-    cy = tf.cast(c[0] * tf.cast(h, tf.float32), tf.int32)
-    cx = tf.cast(c[1] * tf.cast(w, tf.float32), tf.int32)
-    half = int(size) // 2
-    ys, xs = tf.range(h)[:, None], tf.range(w)[None, :]
-    inside = (tf.abs(ys - cy) <= half) & (tf.abs(xs - cx) <= half)
-    return tf.where(inside[..., None], tf.cast(FILL, tf.uint8), image)
+def _int(arg: tf.Tensor) -> tf.Tensor:
+    return tf.cast(arg, tf.int32)
 
 
-def apply_op(name: str, image, boxes, level: float, seed):
-    """One op at ``level`` (0..10). Unknown / unimplemented ops are the identity."""
-    sign = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
-    if name in ("TranslateX_BBox", "TranslateY_BBox"):
-        return _translate(image, boxes, sign * TRANSLATE_CONST * level / 10.0,
-                          1 if name == "TranslateX_BBox" else 0)
-    if name == "Equalize":
-        return _equalize(image), boxes
-    if name == "Cutout":
-        return _cutout(image, CUTOUT_CONST * level / 10.0, seed), boxes
-    if name == "Sharpness":
-        return _sharpness(image, _enhance(level)), boxes
-    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
-    if name == "Color":
-        return _blend(gray, image, _enhance(level)), boxes
-    if name == "Brightness":
-        return _blend(tf.zeros_like(image), image, _enhance(level)), boxes
-    if name == "Contrast":
-        mean = tf.reduce_mean(tf.cast(gray, tf.float32))
-        return _blend(tf.fill(tf.shape(image), mean), image, _enhance(level)), boxes
+# Op signature: (image uint8 [H,W,3], boxes [N,4] normalised yxyx, arg, prob, seed [2] int32)
+# -> (image, boxes). ``arg`` comes from the level (``level_to_arg``), computed in Python as automl
+# does; ``prob`` is read only by the ``*_Only_BBoxes`` ops. Each op is traced once per process
+# and called by reference from every policy step that uses it.
+Op = Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tuple[tf.Tensor, tf.Tensor]]
+_SIGNATURE = (tf.TensorSpec([None, None, 3], tf.uint8), tf.TensorSpec([None, 4], tf.float32),
+              tf.TensorSpec([], tf.float32), tf.TensorSpec([], tf.float32),
+              tf.TensorSpec([2], tf.int32))
+
+
+def _traced(fn: Op) -> Op:
+    return tf.function(fn, input_signature=_SIGNATURE, autograph=False)
+
+
+def _image_op(fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]) -> Op:
+    """An op on the image only (``fn(image, arg, seed)``); boxes pass through."""
+    return _traced(lambda image, boxes, arg, prob, seed: (fn(image, arg, seed), boxes))
+
+
+def _box_op(fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor, tf.Tensor], tuple]) -> Op:
+    """An op that reads or moves boxes (``fn(image, boxes, arg, seed)``)."""
+    return _traced(lambda image, boxes, arg, prob, seed: fn(image, boxes, arg, seed))
+
+
+def _only_boxes(fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]) -> Op:
+    """A ``*_Only_BBoxes`` op: ``fn(region, arg, seed)`` inside each box with probability
+    ``prob / 3``; a signed ``arg`` gets one sign per image."""
+    def op(image, boxes, arg, prob, seed):
+        sign_seed, box_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+        arg = _signed(arg, sign_seed)
+        return B.only_boxes(image, boxes, prob, lambda r, s: fn(r, arg, s), box_seed)
+    return _traced(op)
+
+
+def _unsigned_only_boxes(fn: Callable[[tf.Tensor, tf.Tensor, tf.Tensor], tf.Tensor]) -> Op:
+    def op(image, boxes, arg, prob, seed):
+        return B.only_boxes(image, boxes, prob, lambda r, s: fn(r, arg, s), seed)
+    return _traced(op)
+
+
+# name -> (level -> argument, op); the table of the module docstring.
+OPS: dict[str, tuple[Callable[[float], float], Op]] = {
+    "AutoContrast": (_no_arg, _image_op(lambda im, a, s: O.autocontrast(im))),
+    "Equalize": (_no_arg, _image_op(lambda im, a, s: O.equalize(im))),
+    "Posterize": (_truncated(4), _image_op(lambda im, a, s: O.posterize(im, _int(a)))),
+    "Solarize": (_truncated(256), _image_op(lambda im, a, s: O.solarize(im, _int(a)))),
+    "SolarizeAdd": (_truncated(110), _image_op(lambda im, a, s: O.solarize_add(im, _int(a)))),
+    "Color": (enhance_factor, _image_op(lambda im, a, s: O.color(im, a))),
+    "Contrast": (enhance_factor, _image_op(lambda im, a, s: O.contrast(im, a))),
+    "Brightness": (enhance_factor, _image_op(lambda im, a, s: O.brightness(im, a))),
+    "Sharpness": (enhance_factor, _image_op(lambda im, a, s: O.sharpness(im, a))),
+    "Cutout": (_truncated(CUTOUT_CONST), _image_op(lambda im, a, s: O.cutout(im, _int(a), s))),
+    "BBox_Cutout": (_scaled(CUTOUT_MAX_PAD_FRACTION), _box_op(B.bbox_cutout)),
+    "Rotate_BBox": (_scaled(30.0), _box_op(
+        lambda im, bx, a, s: B.rotate_with_boxes(im, bx, _signed(a, s)))),
+    "TranslateX_BBox": (_scaled(TRANSLATE_CONST), _box_op(
+        lambda im, bx, a, s: B.translate_with_boxes(im, bx, _signed(a, s), horizontal=True))),
+    "TranslateY_BBox": (_scaled(TRANSLATE_CONST), _box_op(
+        lambda im, bx, a, s: B.translate_with_boxes(im, bx, _signed(a, s), horizontal=False))),
+    "ShearX_BBox": (_scaled(0.3), _box_op(
+        lambda im, bx, a, s: B.shear_with_boxes(im, bx, _signed(a, s), horizontal=True))),
+    "ShearY_BBox": (_scaled(0.3), _box_op(
+        lambda im, bx, a, s: B.shear_with_boxes(im, bx, _signed(a, s), horizontal=False))),
+    "Rotate_Only_BBoxes": (_scaled(30.0), _only_boxes(lambda r, a, s: O.rotate(r, a))),
+    "ShearX_Only_BBoxes": (_scaled(0.3), _only_boxes(lambda r, a, s: O.shear_x(r, a))),
+    "ShearY_Only_BBoxes": (_scaled(0.3), _only_boxes(lambda r, a, s: O.shear_y(r, a))),
+    "TranslateX_Only_BBoxes": (_scaled(TRANSLATE_BBOX_CONST),
+                               _only_boxes(lambda r, a, s: O.translate_x(r, a))),
+    "TranslateY_Only_BBoxes": (_scaled(TRANSLATE_BBOX_CONST),
+                               _only_boxes(lambda r, a, s: O.translate_y(r, a))),
+    "Flip_Only_BBoxes": (_no_arg, _unsigned_only_boxes(
+        lambda r, a, s: tf.image.flip_left_right(r))),
+    "Solarize_Only_BBoxes": (_truncated(256), _unsigned_only_boxes(
+        lambda r, a, s: O.solarize(r, _int(a)))),
+    "Equalize_Only_BBoxes": (_no_arg, _unsigned_only_boxes(lambda r, a, s: O.equalize(r))),
+    "Cutout_Only_BBoxes": (_truncated(CUTOUT_BBOX_CONST), _unsigned_only_boxes(
+        lambda r, a, s: O.cutout(r, _int(a), s))),
+}
+
+BOX_ONLY_OPS = frozenset(name for name in OPS if name.endswith("_Only_BBoxes"))
+
+
+def level_to_arg(name: str, level: float) -> float:
+    """automl's argument of op ``name`` at ``level`` (before any random sign)."""
+    return OPS[name][0](float(level))
+
+
+def apply_op(name: str, image: tf.Tensor, boxes: tf.Tensor, level: float, seed: tf.Tensor,
+             prob: float = 1.0) -> tuple[tf.Tensor, tf.Tensor]:
+    """Op ``name`` at ``level`` (automl's 0..10 scale), applied now. ``prob`` is used only by the
+    ``*_Only_BBoxes`` ops (each box with ``prob / 3``). ``image``: uint8 [H,W,3]; ``boxes``:
+    [N,4] yxyx normalised; ``seed``: [2] int stateless seed. Unknown names raise ``KeyError``
+    naming the known ones."""
+    if name not in OPS:
+        raise KeyError(f"unknown AutoAugment op {name!r}; known: {sorted(OPS)}")
+    to_arg, op = OPS[name]
+    return op(image, boxes, tf.constant(to_arg(float(level)), tf.float32),
+              tf.constant(prob, tf.float32), tf.cast(seed, tf.int32))
+
+
+def apply_step(name: str, prob: float, level: float, image: tf.Tensor, boxes: tf.Tensor,
+               seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """One policy step: the op with probability ``prob`` (``*_Only_BBoxes``: always, each box
+    with ``prob / 3``)."""
+    gate_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if name in BOX_ONLY_OPS:
+        return apply_op(name, image, boxes, level, op_seed, prob)
+    if prob <= 0.0:
+        return image, boxes
+    run = lambda: apply_op(name, image, boxes, level, op_seed)  # noqa: E731
+    if prob >= 1.0:
+        return run()
+    return tf.cond(tf.random.stateless_uniform([], gate_seed) < prob, run, lambda: (image, boxes))
+
+
+def autoaugment(image: tf.Tensor, boxes: tf.Tensor, policy: str, seed: tf.Tensor
+                ) -> tuple[tf.Tensor, tf.Tensor]:
+    """One sub-policy of ``POLICIES[policy]``, drawn uniformly, run step by step."""
+    sub_policies = POLICIES[policy]
+    choice_seed, steps_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    choice = tf.random.stateless_uniform([], choice_seed, 0, len(sub_policies), tf.int32)
+
+    def branch(steps):
+        def run():
+            im, bx = image, boxes
+            for j, (name, prob, level) in enumerate(steps):
+                step_seed = tf.random.experimental.stateless_fold_in(steps_seed, j)
+                im, bx = apply_step(name, prob, level, im, bx, step_seed)
+            return im, bx
+        return run
+
+    return tf.switch_case(choice, [branch(steps) for steps in sub_policies])
+
+
+def randaugment(image: tf.Tensor, boxes: tf.Tensor, num_layers: int, magnitude: float,
+                seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """``num_layers`` times: one op of ``RANDAUGMENT_OPS``, drawn uniformly, at ``magnitude``."""
+    for layer in range(num_layers):
+        layer_seed = tf.random.experimental.stateless_fold_in(seed, layer)
+        choice_seed, op_seed = tf.unstack(tf.random.experimental.stateless_split(layer_seed, 2))
+        choice = tf.random.stateless_uniform([], choice_seed, 0, len(RANDAUGMENT_OPS), tf.int32)
+        branches = [
+            (lambda n=name, im=image, bx=boxes, s=op_seed: apply_op(n, im, bx, magnitude, s))
+            for name in RANDAUGMENT_OPS
+        ]
+        image, boxes = tf.switch_case(choice, branches)
     return image, boxes
 
 
-def _maybe(prob, seed, fn, image, boxes):
-    if prob <= 0.0:
-        return image, boxes
-    go = tf.random.stateless_uniform([], seed) < prob
-    return tf.cond(go, lambda: fn(image, boxes), lambda: (image, boxes))
-
-
 def distort(image: tf.Tensor, boxes: tf.Tensor, seed: tf.Tensor, *, policy: str = "",
-            randaugment_layers: int = 0, randaugment_magnitude: float = 10):
-    """AutoAugment ``policy`` (``"v0"`` or ``""``) then RandAugment; uint8 in, uint8 out."""
-    seeds = tf.random.experimental.stateless_split(seed, 3 + 2 * randaugment_layers + 8)
-    if policy == "v0":
-        choice = tf.random.stateless_uniform([], seeds[0], 0, len(POLICY_V0), tf.int32)
-        branches = []
-        for s, sub in enumerate(POLICY_V0):
-            def run(sub=sub, s=s):
-                im, bx = image, boxes
-                for j, (name, prob, level) in enumerate(sub):
-                    op_seed = seeds[3 + 2 * randaugment_layers + 2 * (s % 4) + j]
-                    im, bx = _maybe(prob, op_seed, lambda i, b, n=name, lv=level, sd=op_seed:
-                                    apply_op(n, i, b, lv, sd), im, bx)
-                return im, bx
-            branches.append(run)
-        image, boxes = tf.switch_case(choice, branches)
-    for layer in range(randaugment_layers):
-        k = tf.random.stateless_uniform([], seeds[1 + 2 * layer], 0, len(RANDAUGMENT_OPS),
-                                        tf.int32)
-        op_seed = seeds[2 + 2 * layer]
+            randaugment_layers: int = 0, randaugment_magnitude: float = 10
+            ) -> tuple[tf.Tensor, tf.Tensor]:
+    """AutoAugment ``policy`` (``autoaugment_policies.POLICY_NAMES``: ``""`` off, ``"v0"`` ..
+    ``"v3"``, or ``"randaug"`` = RandAugment with 1 layer at magnitude 15, automl's call), then
+    ``randaugment_layers`` RandAugment layers at ``randaugment_magnitude``.
 
-        def branch(n, sd=op_seed, im=image, bx=boxes):
-            op = lambda i, b: apply_op(n, i, b, randaugment_magnitude, sd)
-            return lambda: _maybe(0.5, sd, op, im, bx)
-
-        branches = [branch(n) for n in RANDAUGMENT_OPS]
-        image, boxes = tf.switch_case(k, branches)
+    ``image``: uint8 [H,W,3]; ``boxes``: [N,4] float32 yxyx normalised; ``seed``: [2] int32
+    stateless seed. Returns the same layouts."""
+    policy_seed, rand_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+    if policy == RANDAUG_POLICY:
+        image, boxes = randaugment(image, boxes, RANDAUG_LAYERS, RANDAUG_MAGNITUDE, policy_seed)
+    elif policy:
+        image, boxes = autoaugment(image, boxes, policy, policy_seed)
+    if randaugment_layers:
+        image, boxes = randaugment(image, boxes, randaugment_layers, randaugment_magnitude,
+                                   rand_seed)
     return image, boxes

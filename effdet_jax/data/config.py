@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import ml_collections
 
+from effdet_jax.data.autoaugment_policies import POLICY_NAMES as AUTOAUGMENT_POLICIES
 from effdet_jax.data.label_map import LABEL_SPACES
 from effdet_jax.data.sources import SOURCES
 
-AUTOAUGMENT_POLICIES = ("", "v0")
+RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
 def default_data_config() -> ml_collections.ConfigDict:
@@ -26,7 +27,15 @@ def default_data_config() -> ml_collections.ConfigDict:
       tfds_data_dir: tfds data dir (``None``: tfds' default, ``~/tensorflow_datasets``).
       train_split / eval_split: split names of the tfds dataset (tfds slicing allowed,
         e.g. ``"train[:10%]"``).
-      train_annotations / eval_annotations: COCO json files for ``source="coco_json"``.
+      train_annotations / eval_annotations: COCO json files for ``source="coco_json"``. With
+        ``source="tfds"``, ``eval_annotations`` may name the official ground truth of the eval
+        split (``instances_val2017.json``): evaluation then scores against it (its ``area``,
+        ``iscrowd``, image sizes) instead of boxes rebuilt from the tfds examples, matched by
+        ``image/id``.
+      eval_image_info: ``source="tfds"`` only: a COCO image-info json (``images`` with ids, e.g.
+        ``image_info_test-dev2017.json``); the eval split is restricted to the images it lists
+        (test-dev is the part of tfds' ``test`` split it lists). Without ``eval_annotations``
+        there is no ground truth: evaluation writes the results file and skips the metrics.
       train_images / eval_images: image folders for ``source="coco_json"``; ``file_name`` in the
         json is relative to them.
       label_space: ``"contiguous"`` (label = index of the category in the sorted id list) or
@@ -43,9 +52,12 @@ def default_data_config() -> ml_collections.ConfigDict:
         ``min_objects``/``max_objects`` per image.
       hflip: random horizontal flip in training.
       jitter_min / jitter_max: scale-jitter range (fraction of the target size) in training.
-      autoaugment_policy: ``""`` (off) or ``"v0"`` (automl's detection policy v0; see
-        ``effdet_jax/data/autoaugment.py`` for the implemented ops).
-      randaugment_layers / randaugment_magnitude: RandAugment (0 layers = off), magnitude 0..10.
+      autoaugment_policy: ``""`` (off), ``"v0"`` .. ``"v3"`` (automl's AutoAugment detection
+        policies) or ``"randaug"`` (automl's RandAugment call: 1 layer, magnitude 15); see
+        ``effdet_jax/data/autoaugment.py``. Off in automl's hparams and here.
+      randaugment_layers / randaugment_magnitude: extra RandAugment layers after the policy
+        (0 layers = off) at a magnitude on automl's 0..10 level scale (up to 30; automl's
+        ``"randaug"`` uses 15).
       shuffle_buffer: examples in the shuffle buffer (training).
       seed: base seed of shuffling and augmentation (same seed + step -> same batches).
       num_parallel_calls: tf.data map parallelism (``-1``: AUTOTUNE).
@@ -62,6 +74,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.train_images = ""
     c.eval_annotations = ""
     c.eval_images = ""
+    c.eval_image_info = ""
     c.label_space = "contiguous"
     c.max_instances_per_image = 100
     c.skip_crowd_during_training = True
@@ -133,6 +146,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
         for key in ("train_annotations", "train_images", "eval_annotations", "eval_images"):
             if not config[key]:
                 _fail(key, config[key], "a path (required when source='coco_json')")
+    if config.eval_image_info and config.source != "tfds":
+        _fail("eval_image_info", config.eval_image_info,
+              "'' unless source='tfds' (for a COCO-json folder, set eval_annotations to the "
+              "image-info json itself and eval_images to its image folder)")
     if config.source == "tfds" and not config.tfds_name:
         _fail("tfds_name", config.tfds_name, "a tfds name such as 'coco/2017' or 'voc/2007'")
     if not 1 <= config.max_instances_per_image <= 10000:
@@ -142,8 +159,13 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
               f"0 < jitter_min <= jitter_max ({config.jitter_max})")
     if not 0 <= config.randaugment_layers <= 10:
         _fail("randaugment_layers", config.randaugment_layers, "0..10")
-    if not 0 <= config.randaugment_magnitude <= 10:
-        _fail("randaugment_magnitude", config.randaugment_magnitude, "0..10")
+    if not 0 <= config.randaugment_magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
+        _fail("randaugment_magnitude", config.randaugment_magnitude,
+              f"0..{RANDAUGMENT_MAX_MAGNITUDE}")
+    if config.autoaugment_policy == "randaug" and config.randaugment_layers:
+        _fail("randaugment_layers", config.randaugment_layers,
+              "0 with autoaugment_policy='randaug' (which is 1 layer at magnitude 15); for other "
+              "layers/magnitude set autoaugment_policy='' and randaugment_layers/_magnitude")
     if config.shuffle_buffer < 1:
         _fail("shuffle_buffer", config.shuffle_buffer, ">= 1")
     if config.num_parallel_calls == 0 or config.num_parallel_calls < -1:

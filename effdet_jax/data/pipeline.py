@@ -11,6 +11,8 @@ size, ``M`` = ``config.max_instances_per_image``):
 * ``image_scale``: [B] float32; network-input pixels * image_scale = original-image pixels.
 * ``crowd_classes`` (eval batches only): [B,M] int32 label index of the crowd rows (-1 elsewhere),
   so the evaluator can build crowd ground truth in the right category.
+* ``image_hw`` (eval batches only): [B,2] int32 original image height and width in pixels (the
+  evaluator clips detections to the image; 0 for padding examples).
 * ``counts``: ``{name: int64}`` dropped/fixed items in this batch (``counts.COUNT_KEYS``). Pop it
   before sending the batch to devices (``split_counts``).
 
@@ -153,6 +155,7 @@ def train_example(
     if config.autoaugment_policy or config.randaugment_layers:
         from effdet_jax.data import autoaugment
 
+        # uint8 image and [N,4] yxyx boxes normalised to it, as automl's dataloader passes them.
         image, boxes = autoaugment.distort(
             image, boxes, seeds[0], policy=config.autoaugment_policy,
             randaugment_layers=config.randaugment_layers,
@@ -183,8 +186,10 @@ def eval_example(config: ml_collections.ConfigDict, source: Source, image_size: 
     boxes, classes, crowd = (tf.boolean_mask(t, keep) for t in (boxes, classes, crowd))
     image_id = tf.where(ex["readable"], tf.cast(ex["image_id"], tf.int64),
                         tf.constant(-1, tf.int64))
-    return _finish(image, boxes, classes, crowd, image_id, image_scale, counts,
-                   config.max_instances_per_image, with_crowd_classes=True)
+    out = _finish(image, boxes, classes, crowd, image_id, image_scale, counts,
+                  config.max_instances_per_image, with_crowd_classes=True)
+    out["image_hw"] = tf.shape(ex["image"], out_type=tf.int32)[:2]
+    return out
 
 
 def _padding_example(image_size: int, max_instances: int) -> dict:
@@ -195,6 +200,7 @@ def _padding_example(image_size: int, max_instances: int) -> dict:
         "crowd_classes": -tf.ones([max_instances], tf.int32),
         "image_id": tf.constant(-1, tf.int64),
         "image_scale": tf.constant(1.0, tf.float32),
+        "image_hw": tf.zeros([2], tf.int32),
         "counts": C.with_counts(C.zero_counts(), padding_examples=1),
     }
 

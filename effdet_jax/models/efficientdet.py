@@ -67,11 +67,7 @@ class EfficientDet(nn.Module):
                 name=f"fpn_cell_{c}",
             )(feats, train)
 
-        head_cls = (
-            nn.remat(PredictionHead, static_argnums=(2,)) if cfg.remat == "blocks+heads"
-            else PredictionHead
-        )
-        head = lambda outputs, prior, name: head_cls(  # noqa: E731
+        head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
             num_outputs=outputs,
             num_anchors=cfg.num_anchors,
             features=cfg.fpn_num_filters,

@@ -22,9 +22,10 @@ from effdet_jax.ops.policy import MODES as CPU_KERNEL_MODES
 from effdet_jax.ops.policy import resolve as resolve_cpu_kernels
 
 DTYPES = ("float32", "bfloat16", "float16")
-# What the backward pass recomputes instead of storing: nothing, the backbone's MBConv blocks and the
-# BiFPN cells, or those and the two prediction heads (whose P3 activations are the largest).
-REMAT_POLICIES = ("none", "blocks", "blocks+heads")
+# What the backward pass recomputes instead of storing: nothing, or each backbone MBConv block and
+# BiFPN cell from its input. (Rematerialising the heads as well was measured to raise XLA's peak
+# temporaries, not lower them: benchmarks/RESULTS.md.)
+REMAT_POLICIES = ("none", "blocks")
 
 # Input normalisation ``(u8 - mean_rgb) / stddev_rgb`` per RGB channel, in uint8 pixel units as in
 # automl's ``mean_rgb`` / ``stddev_rgb``: ImageNet statistics for D0-D7x, 127 / 128 for lite models.
@@ -102,9 +103,8 @@ class EfficientDetConfig:
       cpu_kernels: the hand-written XLA:CPU kernels, ``auto`` (on CPU where they build) | ``off``
         (XLA's own ops on every platform) | ``require`` (error naming why they cannot be built);
         ``None``: ``$EFFDET_JAX_CPU_KERNELS``, else ``auto`` (``effdet_jax.ops.policy``).
-      remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none``, ``blocks``
-        (backbone blocks and BiFPN cells) or ``blocks+heads`` (also the class and box heads);
-        ``True`` / ``False`` mean ``blocks`` / ``none``.
+      remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none`` or ``blocks``
+        (backbone blocks and BiFPN cells); ``True`` / ``False`` mean ``blocks`` / ``none``.
     """
 
     name: str = "efficientdet-d0"

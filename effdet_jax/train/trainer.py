@@ -40,7 +40,15 @@ from effdet_jax.data import report as data_report
 from effdet_jax.data.class_names import label_names
 from effdet_jax.data.sources import check_available
 from effdet_jax.data.transforms import Normalization, denormalize_image
-from effdet_jax.train import batches, checkpointing, compile_cache, initialization, optimizer
+from effdet_jax.evaluation import report as eval_report
+from effdet_jax.train import (
+    batches,
+    checkpointing,
+    compile_cache,
+    initialization,
+    optimizer,
+    run_config,
+)
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
 from effdet_jax.train.config_validation import ConfigError, validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
@@ -50,7 +58,7 @@ from effdet_jax.train.train_step import TRAIN_KEYS
 LOSS_PARTS = ("cls_loss", "box_loss", "box_iou_loss", "reg_l2_loss")
 _PART_NAMES = {"cls_loss": "cls", "box_loss": "box", "box_iou_loss": "iou", "reg_l2_loss": "l2"}
 # Fields of an eval batch the evaluator needs, besides the detections.
-_GT_KEYS = ("image_id", "image_scale", "boxes", "classes", "crowd_classes")
+_GT_KEYS = ("image_id", "image_scale", "image_hw", "boxes", "classes", "crowd_classes")
 _CLUSTER_HINTS = ("SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES")
 
 
@@ -215,6 +223,9 @@ def train_and_evaluate(
 
     Returns the last eval metrics (empty without evaluation).
     """
+    maybe_initialize_distributed()
+    validate_config(config, num_devices=jax.device_count())  # only a valid config is saved
+    run_config.check_and_save(config, workdir)  # before anything is built
     exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
     _log_trainable(exp)
     primary = jax.process_index() == 0
@@ -283,7 +294,8 @@ def train_and_evaluate(
                     drain()  # never checkpoint a state whose step was not checked
                 if do_eval:
                     with hooks[0].timed("eval"):
-                        eval_metrics = evaluate_state(exp, state, writer, step)
+                        eval_metrics = evaluate_state(exp, state, writer, step,
+                                                      os.path.join(workdir, "eval"))
                 if do_save or stopping:
                     checkpointing.save(
                         manager,
@@ -339,15 +351,20 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return flat
 
 
-def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[str, float]:
-    """COCO metrics of ``state`` (EMA weights by default) on ``config.eval``'s split.
+def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int,
+                   results_dir: str | None = None) -> dict[str, float]:
+    """COCO metrics of ``state`` (EMA weights by default) on ``config.eval``'s split (``{}``
+    when the split has no ground truth, e.g. test-dev).
 
-    Writes ``eval/<metric>`` scalars and ``eval/detections`` images at ``step``.
+    Writes ``eval/<metric>`` scalars and ``eval/detections`` images at ``step``, the COCO
+    results and metrics json (with per-class AP) to ``results_dir``
+    (``effdet_jax.evaluation.report``), and logs the evaluation block.
     """
     config = exp.config
     pipeline = batches.eval_pipeline(config, exp.image_size)
     evaluator = evaluation.CocoEvaluator(pipeline.label_map, pipeline.gt_annotations,
-                                         image_sizes=data_report.eval_image_sizes(config.data))
+                                         image_sizes=data_report.eval_image_sizes(config.data),
+                                         per_class=True)
     variables = exp.eval_variables(state)
     num_batches = pipeline.num_batches
     if config.eval.num_images is not None:
@@ -365,11 +382,13 @@ def evaluate_state(exp: Experiment, state: Any, writer: Any, step: int) -> dict[
             n = config.eval.num_summary_images
             summary_images = _draw(host_batch["images"][:n], detections,
                                    pipeline.label_map.class_names(), pipeline.normalization)
-    pylogging.getLogger("effdet_jax.evaluation").setLevel(pylogging.WARNING)
-    metrics = evaluator.evaluate()
-    logging.info("eval at step %d: %s", step, {k: round(v, 4) for k, v in metrics.items()})
+    pylogging.getLogger("effdet_jax.evaluation.coco_metrics").setLevel(pylogging.WARNING)
+    metrics = eval_report.finish_evaluation(evaluator, step, results_dir,
+                                            eval_report.split_tag(config.data),
+                                            write_files=jax.process_index() == 0)
     _log_eval_data(evaluator, counts_total)
-    writer.write_scalars(step, {f"eval/{k}": v for k, v in metrics.items()})
+    if metrics:  # the per-class APs are in the table and metrics json, not 80 more scalars
+        writer.write_scalars(step, {f"eval/{k}": metrics[k] for k in evaluation.METRIC_NAMES})
     writer.write_scalars(step, data_report.eval_scalars(evaluator.gt_report, counts_total))
     if summary_images is not None:
         writer.write_images(step, {"eval/detections": summary_images})
@@ -422,7 +441,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         workdir, just_logging=jax.process_index() != 0, collection="eval"
     )
     with jax.set_mesh(exp.mesh):
-        metrics = evaluate_state(exp, state, writer, int(jax.device_get(state.step)))
+        metrics = evaluate_state(exp, state, writer, int(jax.device_get(state.step)),
+                                 os.path.join(workdir, "eval"))
     writer.flush()
     return metrics
 

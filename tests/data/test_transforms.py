@@ -93,7 +93,9 @@ def test_eval_resize_keeps_aspect_and_scale_maps_back():
     assert int(out["image_id"]) == 7
 
 
-@pytest.mark.parametrize("policy,layers", [("v0", 0), ("", 2)])
+# RandAugment's Solarize inverts the image, so "brightest" no longer marks the rectangle there;
+# tests/data/test_autoaugment.py checks every op and policy.
+@pytest.mark.parametrize("policy,layers", [("v0", 0)])
 def test_autoaugment_and_randaugment_keep_boxes_on_pixels(policy, layers):
     from effdet_jax.data import autoaugment
 

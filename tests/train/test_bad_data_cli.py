@@ -187,7 +187,7 @@ def test_train_and_eval_survives_bad_data_and_counts_each_case(tmp_path):
                          timeout=900)
     log = run.stdout + run.stderr
     assert run.returncode == 0, log[-4000:]
-    assert "eval at step 2: {'AP': " in log, log[-4000:]
+    assert "evaluation at step 2:" in log and "\n  AP  " in log, log[-4000:]
 
     report = json.loads((tmp_path / "run" / "data_report.json").read_text())
     assert report["source"] == "coco_json" and report["on_bad_data"] == "report"

@@ -80,7 +80,7 @@ def test_unknown_key_fails_naming_it():
         ("data.on_bad_data", "warn", "'report', 'error'"),
         ("model.dtype", "float8", "bfloat16"),
         ("model.dtype", "float16", "loss scaling"),
-        ("model.remat", "all", "blocks+heads"),
+        ("model.remat", "all", "blocks"),
         ("model.fpn_weight_method", "max", "fastattn"),
         ("model.drop_connect_variant", "block", "channel"),
         ("loss.iou_loss_type", "l1", "ciou"),

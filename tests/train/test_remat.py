@@ -1,9 +1,8 @@
 """``config.model.remat``: recomputing activations in the backward pass changes memory, not numbers.
 
-For each policy in ``model_config.REMAT_POLICIES`` the model of ``configs/tiny.py`` (with heads as
-wide as D0's, so that they hold a real share of the activations) computes the loss and gradient of
-the same batch in train mode: the values equal the ``none`` policy's, and the compiled function's
-XLA temporaries shrink as more is rematerialised (``none`` > ``blocks`` > ``blocks+heads``).
+For each policy in ``model_config.REMAT_POLICIES`` the model of ``configs/tiny.py`` computes the
+loss and gradient of the same batch in train mode: the values equal the ``none`` policy's, and the
+compiled function's XLA temporaries are smaller with ``blocks``.
 """
 
 import jax
@@ -18,40 +17,37 @@ from effdet_jax.train import experiment
 def _loss_and_grads(remat: str, variables, images):
     config = tiny_config()
     config.model.remat = remat
-    config.model.overrides.fpn_num_filters = 64
-    config.model.overrides.box_class_repeats = 3
     config.model.overrides.cpu_kernels = "off"  # XLA's own ops: the quicker compile
     model = experiment.build_model(config.model)
     if variables is None:
         variables = model.init(jax.random.key(0), images, train=False)
 
-    def loss(params):
+    def loss(params, stats):
         (cls, box), updates = model.apply(
-            {"params": params, "batch_stats": variables["batch_stats"]}, images, train=True,
-            mutable=["batch_stats"],
+            {"params": params, "batch_stats": stats}, images, train=True, mutable=["batch_stats"],
         )
         total = sum(jnp.mean(c**2) for c in cls) + sum(jnp.mean(b**2) for b in box)
         return total, updates["batch_stats"]
 
     fn = jax.jit(jax.value_and_grad(loss, has_aux=True))
-    compiled = fn.lower(variables["params"]).compile()
-    (value, stats), grads = compiled(variables["params"])
+    compiled = fn.lower(variables["params"], variables["batch_stats"]).compile()
+    (value, stats), grads = compiled(variables["params"], variables["batch_stats"])
     temp_bytes = compiled.memory_analysis().temp_size_in_bytes
     return variables, jax.device_get((value, stats, grads)), temp_bytes
 
 
-def test_remat_policies_give_the_same_gradients_with_less_memory():
+def test_remat_gives_the_same_gradients_with_less_memory():
+    assert REMAT_POLICIES == ("none", "blocks")
     images = jnp.asarray(np.random.default_rng(0).normal(size=(8, 64, 64, 3)), jnp.float32)
     variables, results = None, {}
     for remat in REMAT_POLICIES:
         variables, outputs, temp = _loss_and_grads(remat, variables, images)
         results[remat] = (outputs, temp)
-    (ref_loss, ref_stats, ref_grads), _ = results["none"]
+    (ref_loss, ref_stats, ref_grads), none_temp = results["none"]
+    (loss, stats, grads), blocks_temp = results["blocks"]
     assert max(float(np.max(np.abs(g))) for g in jax.tree.leaves(ref_grads)) > 0
-    for remat in REMAT_POLICIES[1:]:
-        (loss, stats, grads), _ = results[remat]
-        np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
-        assert max_abs_diff(grads, ref_grads) < 1e-6, remat
-        assert max_abs_diff(stats, ref_stats) < 1e-6, remat
-    temps = {remat: temp for remat, (_, temp) in results.items()}
-    assert temps["none"] > temps["blocks"] > temps["blocks+heads"], temps
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-6)
+    assert max_abs_diff(grads, ref_grads) < 1e-6
+    assert max_abs_diff(stats, ref_stats) < 1e-6
+    # 28.0 MB -> 10.2 MB when measured; the bar leaves room for XLA's scheduling to change.
+    assert blocks_temp < 0.6 * none_temp, (none_temp, blocks_temp)

@@ -4,9 +4,18 @@ Needs the features ``image`` and ``objects/{bbox,label}`` (bbox yxyx normalised,
 ``BBoxFeature``); ``objects/is_crowd`` (COCO) or ``objects/is_difficult`` (VOC) mark boxes that the
 evaluation ignores (class ``-2``); ``image/id`` is used as the image id when present, else a hash of
 ``image/filename``. Multi-host: process ``i`` of ``n`` reads ``tfds.even_splits(split, n)[i]``.
+
+The eval split's ground truth is the official json when ``config.eval_annotations`` names one
+(tfds ``image/id`` = the json's image ``id``), else the evaluator builds it from the examples.
+``config.eval_image_info`` (an image-info json such as ``image_info_test-dev2017.json``) keeps
+only the images it lists: test-dev is the part of tfds' ``test`` split listed there.
 """
 
 from __future__ import annotations
+
+import json
+import logging
+import os
 
 import ml_collections
 import tensorflow as tf
@@ -16,6 +25,8 @@ from effdet_jax.data import counts as C
 from effdet_jax.data.label_map import COCO_CLASS_NAMES, LabelMap, tfds_label_to_category_table
 from effdet_jax.data.sources import DataUnavailableError, coco_fixes
 from effdet_jax.data.sources.base import Source
+
+log = logging.getLogger(__name__)
 
 
 class DatasetNotPreparedError(DataUnavailableError):
@@ -76,6 +87,43 @@ def check_prepared(config: ml_collections.ConfigDict, splits: tuple[str, ...]) -
     builder = _builder(config.tfds_name, data_dir)
     for split in splits:
         _open_split(builder, config.tfds_name, data_dir, _split_name(config, split))
+    if "eval" in splits:
+        for key, what in (("eval_annotations", "the ground truth of the eval split, e.g. "
+                           "annotations/instances_val2017.json"),
+                          ("eval_image_info", "the image list of the eval split, e.g. "
+                           "annotations/image_info_test-dev2017.json")):
+            path = config[key]
+            if path and not (os.path.isfile(path) and os.access(path, os.R_OK)):
+                raise DataUnavailableError(
+                    f"config.data.{key}={path!r} is not a readable file ({what}); fix the path "
+                    f"or leave it empty (--config.data.{key}=)")
+
+
+def image_info_ids(path: str) -> list[int]:
+    """The image ids listed in a COCO json's ``images`` (image-info or instances json)."""
+    try:
+        with open(path) as f:
+            return sorted({int(im["id"]) for im in json.load(f)["images"]})
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"config.data.eval_image_info={path!r}: cannot read the image ids of its "
+                         f"'images' list ({type(e).__name__}: {e})") from e
+
+
+def _listed(ids: list[int]):
+    """A tf.data predicate: is the example's ``image/id`` one of ``ids``."""
+    table = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.int64),
+                                            tf.ones([len(ids)], tf.int64)), 0)
+    return lambda ex: table.lookup(tf.cast(ex["image/id"], tf.int64)) > 0
+
+
+def _count_listed(builder: tfds.core.DatasetBuilder, split_name: str, ids: list[int]) -> int:
+    """Examples of ``split_name`` whose ``image/id`` is in ``ids``, decoding only the ids (the
+    eval pipeline pads to whole batches from this count, so it is exact)."""
+    ds = builder.as_dataset(split=split_name, shuffle_files=False,
+                            decoders=tfds.decode.PartialDecoding({"image/id": True}),
+                            read_config=tfds.ReadConfig(try_autocache=False))
+    return _count(ds.filter(_listed(ids)))
 
 
 def _count(ds: tf.data.Dataset) -> int:
@@ -110,6 +158,21 @@ def make_tfds_source(
         num = _count(records)
         total = num if process_count == 1 else _count(builder.as_dataset(split=split_name))
     has_id = "image/id" in features
+    gt_annotations = None
+    if split == "eval":
+        gt_annotations = config.eval_annotations or config.eval_image_info or None
+        if config.eval_image_info:
+            if not has_id:
+                raise ValueError(f"config.data.eval_image_info needs image ids, but tfds "
+                                 f"{config.tfds_name} has no 'image/id' feature")
+            ids = image_info_ids(config.eval_image_info)
+            records = records.filter(_listed(ids))
+            num = _count_listed(builder, shard, ids)
+            total = num if process_count == 1 else _count_listed(builder, split_name, ids)
+            if total < len(ids):
+                log.warning("%d of the %d images listed in %s are not in tfds %s split %r: they "
+                            "get no detections", len(ids) - total, len(ids),
+                            config.eval_image_info, config.tfds_name, split_name)
     crowd_key = next((k for k in ("is_crowd", "is_difficult") if k in objects), None)
 
     def decode(ex: dict) -> dict:
@@ -139,4 +202,4 @@ def make_tfds_source(
         }
 
     return Source(records=records, num_records=num, decode=decode, label_map=label_map,
-                  total_records=total)
+                  gt_annotations=gt_annotations, total_records=total)
