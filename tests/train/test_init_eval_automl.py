@@ -68,6 +68,6 @@ def test_eval_of_an_imported_automl_checkpoint(kind, automl_reference, automl_fo
     log = result.stderr
     assert f"config.init.checkpoint={tmp_path / folder}" in log  # the init table
     assert "676 loaded, 0 re-initialised, 0 unused" in log
-    match = re.search(r"eval at step 0: \{[^}]*'AP': ([0-9.]+)", log)
+    match = re.search(r"\[0\] collection=eval .*eval/AP=([0-9.]+)", log)  # the eval scalars
     assert match, log[-3000:]
     assert float(match[1]) >= 0.99, log[-3000:]
