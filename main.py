@@ -58,13 +58,16 @@ def main(argv):
     from effdet_jax.data.report import BadDataError
     from effdet_jax.data.sources import DataUnavailableError
     from effdet_jax.export.command import ExportIncompleteError
+    from effdet_jax.train.checkpoint_files import CheckpointFileError
     from effdet_jax.train.checkpointing import CheckpointMismatchError, CheckpointRestoreError
+    from effdet_jax.train.initialization import NoCheckpointError
     from effdet_jax.train.run_config import ConfigMismatchError
 
     try:
         run_mode(config)
     except (DataUnavailableError, BadDataError, ConfigMismatchError, CheckpointMismatchError,
-            CheckpointRestoreError, ExportIncompleteError) as e:
+            CheckpointRestoreError, CheckpointFileError, NoCheckpointError,
+            ExportIncompleteError) as e:
         # The message is the whole story (what is wrong or missing, the ways out): no traceback.
         sys.exit(f"error: {e}")
     logging.info("done: %s", FLAGS.mode)

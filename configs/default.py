@@ -79,6 +79,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.ema_decay = 0.9998  # 0 disables; warm-up min(decay, (1+t)/(10+t))
     config.train.grad_accum_steps = 1
     config.train.nonfinite_policy = "error"  # or "skip": drop the update and go on
+    # Regex over "/"-joined parameter paths (e.g. "^backbone/"): matching parameters, their
+    # optimizer state and EMA copies stay unchanged and leave the L2 term. freeze_bn also keeps
+    # the running BN statistics of matching layers (training still normalises with batch stats).
+    config.train.freeze = ""
+    config.train.freeze_bn = False
+
+    # ---- where the weights of a new run come from (effdet_jax/train/initialization.py) ----
+    # checkpoint: a whole detector (automl TF1 folder/prefix or TF2 Keras checkpoint, effdet
+    # .safetensors / .npz / .pth, automl-named .npz, or another run's WORKDIR, WORKDIR:best,
+    # WORKDIR:<step>); also what eval / predict use when the workdir has no checkpoint.
+    # backbone: an ImageNet EfficientNet (automl/TF efficientnet-bN checkpoint or a timm
+    # tf_efficientnet_* state dict) for the backbone only. use_ema: the EMA copies where a
+    # checkpoint has both. A resumed run (workdir with checkpoints) ignores this section.
+    config.init = ml_collections.ConfigDict()
+    config.init.checkpoint = config_dict.placeholder(str)
+    config.init.backbone = config_dict.placeholder(str)
+    config.init.use_ema = True
 
     # ---- losses: the fields of effdet_jax.detection.losses.LossConfig, with its defaults
     # (automl's focal alpha 0.25 / gamma 1.5, Huber delta 0.1, box weight 50, weight decay 4e-5

@@ -165,11 +165,30 @@ def convert_automl_arrays(
     return fill_variables(shapes, assignments, arrays.keys(), set(ignored) | consumed)
 
 
-def read_automl_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str, set[str]]:
+def tf1_arrays(names, get, use_ema: bool = True) -> tuple[dict[str, np.ndarray], set[str]]:
+    """TF1-named arrays from ``names`` (``get(name)`` reads one): each variable once, from its
+    ``/ExponentialMovingAverage`` copy where present and ``use_ema``, else from the raw copy.
+    Returns (arrays, names with no model counterpart on purpose: step counters, momentum slots)."""
+    names = list(names)
+    present = set(names)
+    arrays = {}
+    for n in names:
+        if n.endswith(EMA_SUFFIX):
+            continue
+        ema = n + EMA_SUFFIX
+        arrays[n] = get(ema if use_ema and ema in present else n)
+    ignored = {n for n in arrays if n in ("global_step",) or "Momentum" in n}
+    return arrays, ignored
+
+
+def read_automl_checkpoint(
+    path: str, use_ema: bool = True
+) -> tuple[dict[str, np.ndarray], str, set[str]]:
     """Read a checkpoint (directory or prefix) into (arrays, style, ignored names).
 
-    TF1: EMA copies replace the raw values when present (the released checkpoints keep both).
-    TF2: keys lose their ``/.ATTRIBUTES/VARIABLE_VALUE`` suffix; optimizer slots are ignored.
+    TF1: EMA copies replace the raw values when present and ``use_ema`` (the released checkpoints
+    keep both). TF2: keys lose their ``/.ATTRIBUTES/VARIABLE_VALUE`` suffix; optimizer slots are
+    ignored.
     """
     import tensorflow as tf  # only for reading the checkpoint format
 
@@ -181,18 +200,12 @@ def read_automl_checkpoint(path: str) -> tuple[dict[str, np.ndarray], str, set[s
     reader = tf.train.load_checkpoint(path)
     names = list(reader.get_variable_to_shape_map())
     if "_CHECKPOINTABLE_OBJECT_GRAPH" in names:
-        arrays, ignored = {}, set()
+        arrays = {}
         for n in names:
             if n.endswith(TF2_SUFFIX) and "OPTIMIZER_SLOT" not in n and not n.startswith("optimizer"):
                 arrays[n[: -len(TF2_SUFFIX)]] = reader.get_tensor(n)
-        return arrays, "tf2", ignored
-    arrays, ignored = {}, set()
-    for n in names:
-        if n.endswith(EMA_SUFFIX):
-            continue
-        ema = n + EMA_SUFFIX
-        arrays[n] = reader.get_tensor(ema if ema in names else n)
-    ignored = {n for n in arrays if n in ("global_step",) or "Momentum" in n}
+        return arrays, "tf2", set()
+    arrays, ignored = tf1_arrays(names, reader.get_tensor, use_ema)
     return arrays, "tf1", ignored
 
 

@@ -83,10 +83,13 @@ def save(
     metrics: dict[str, float] | None = None,
     force: bool = False,
 ) -> bool:
-    """Saves (asynchronously) if the policy or ``force`` says so; returns whether it did."""
+    """Saves (asynchronously) if the policy or ``force`` says so; returns whether it did.
+
+    ``metrics`` also go into the ``meta`` record, so another run can pick the best step
+    (``WORKDIR:best``) without this manager's in-memory metrics."""
     args = ocp.args.Composite(
         state=ocp.args.StandardSave(state),
-        meta=ocp.args.JsonSave({"step": int(step)}),
+        meta=ocp.args.JsonSave({"step": int(step), **(metrics or {})}),
     )
     return manager.save(step, args=args, metrics=metrics, force=force)
 

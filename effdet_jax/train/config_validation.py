@@ -5,6 +5,7 @@ rejects bad *values* with a message that names the key and what is allowed, so a
 run fails in a second instead of after compilation.
 """
 
+import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -50,6 +51,23 @@ def _get(config: ml_collections.ConfigDict, key: str) -> Any:
     for part in key.split("."):
         node = node[part]
     return node
+
+
+def _check_freeze_and_init(config: ml_collections.ConfigDict) -> None:
+    """``train.freeze`` is a regex; ``train.freeze_bn`` needs it; ``init`` names one source."""
+    freeze = config.train.freeze
+    if freeze:
+        try:
+            re.compile(freeze)
+        except re.error as e:
+            raise ConfigError(f"config.train.freeze={freeze!r} is not a regular expression: {e}") from None
+    _check(not config.train.freeze_bn or bool(freeze), "train.freeze_bn", config.train.freeze_bn,
+           "True only with config.train.freeze set (it keeps the statistics of the frozen layers)")
+    init = config.init
+    if init.checkpoint and init.backbone:
+        raise ConfigError(
+            f"config.init.checkpoint={init.checkpoint!r} and config.init.backbone={init.backbone!r} "
+            "are both set: a whole-detector checkpoint has its own backbone; set one of them")
 
 
 def model_choices() -> dict[str, Sequence[Any]]:
@@ -107,6 +125,7 @@ def validate_config(
         t.grad_accum_steps,
         f"a divisor of train.batch_size={t.batch_size}",
     )
+    _check_freeze_and_init(config)
     _check(config.mesh.model >= 1, "mesh.model", config.mesh.model, "an integer >= 1")
     _check(config.mesh.data == -1 or config.mesh.data >= 1, "mesh.data", config.mesh.data,
            "-1 (all remaining devices) or an integer >= 1")

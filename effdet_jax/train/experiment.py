@@ -203,6 +203,8 @@ def build_experiment(
         StepOptions(
             ema_decay=config.train.ema_decay,
             grad_accum_steps=config.train.grad_accum_steps,
+            freeze=config.train.freeze,
+            freeze_bn=config.train.freeze_bn,
         ),
     )
     train_step = jax.jit(

@@ -11,7 +11,10 @@ import math
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
+
+from effdet_jax.models.finetune import trainable_mask
 
 _DEFAULT_BATCH_SIZE = 64  # automl's learning rates are per 64 images
 
@@ -87,7 +90,12 @@ def clip_per_tensor_then_global(max_norm: float) -> optax.GradientTransformation
 
 
 def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """Clipping followed by SGD with momentum (``accum = m*accum + g; p -= lr*accum``) or Adam."""
+    """Clipping followed by SGD with momentum (``accum = m*accum + g; p -= lr*accum``) or Adam.
+
+    With ``train_cfg.freeze`` (a regex over ``/``-joined parameter paths) only the other
+    parameters go through it: frozen ones get a zero update and have no optimizer state, and the
+    global clipping norm is taken over the trained parameters only.
+    """
     schedule = learning_rate_schedule(train_cfg)
     if train_cfg.optimizer == "sgd":
         base = optax.sgd(schedule, momentum=train_cfg.momentum or None)
@@ -95,4 +103,22 @@ def make_optimizer(train_cfg: ml_collections.ConfigDict) -> optax.GradientTransf
         base = optax.adam(schedule)
     else:
         raise ValueError(f"unknown optimizer {train_cfg.optimizer!r}")
-    return optax.chain(clip_per_tensor_then_global(train_cfg.clip_gradients_norm), base)
+    tx = optax.chain(clip_per_tensor_then_global(train_cfg.clip_gradients_norm), base)
+    if not train_cfg.freeze:
+        return tx
+    return optax.multi_transform(
+        {"train": tx, "frozen": optax.set_to_zero()},
+        lambda params: jax.tree.map(
+            lambda trained: "train" if trained else "frozen",
+            trainable_mask(params, train_cfg.freeze),
+        ),
+    )
+
+
+def count_trainable(params, freeze: str | None) -> tuple[int, int]:
+    """(trained, total) parameter counts of ``params`` under the ``freeze`` regex."""
+    mask = trainable_mask(params, freeze)
+    sizes = jax.tree.map(lambda p: int(np.prod(p.shape)), params)
+    total = sum(jax.tree.leaves(sizes))
+    trained = sum(s for s, m in zip(jax.tree.leaves(sizes), jax.tree.leaves(mask), strict=True) if m)
+    return trained, total

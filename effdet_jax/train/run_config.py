@@ -50,6 +50,8 @@ RESUME_POLICY: dict[str, str] = {
     "model.overrides.cpu_kernels": FREE,
     "data.label_space": MUST_MATCH,
     "train.optimizer": MUST_MATCH,
+    "train.freeze": MUST_MATCH,  # frozen parameters have no optimizer state
+    "init": FREE,  # a resumed run starts from its own checkpoint, not config.init
     "eval": FREE,
     "mesh": FREE,
     "checkpoint": FREE,

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from effdet_jax.models.finetune import trainable_mask
+
 TRAIN_KEYS = ("images", "boxes", "classes")  # what the step reads from a batch
 
 
@@ -56,8 +58,13 @@ def create_train_state(
     init_rng, train_rng = jax.random.split(rng)
     images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
     variables = model.init(init_rng, images, train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
+    return state_from_variables(tx, variables["params"], variables.get("batch_stats", {}), train_rng)
+
+
+def state_from_variables(
+    tx: optax.GradientTransformation, params: Any, batch_stats: Any, train_rng: jax.Array
+) -> TrainState:
+    """A step-0 state of given weights: EMA copies equal to them, a fresh optimizer state."""
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
@@ -86,10 +93,24 @@ def update_ema(ema_tree: Any, new_tree: Any, decay: jax.Array) -> Any:
 
 @dataclasses.dataclass(frozen=True)
 class StepOptions:
-    """``ema_decay``: 0 disables the EMA update; ``grad_accum_steps``: micro-batches per step."""
+    """``ema_decay``: 0 disables the EMA update; ``grad_accum_steps``: micro-batches per step.
+
+    ``freeze``: regex over ``/``-joined parameter paths (``finetune.trainable_mask``); matching
+    parameters and their EMA copies are carried over unchanged (bit-exact) and leave the L2 term
+    and ``grad_norm``. ``freeze_bn``: the BN running statistics whose path matches ``freeze``
+    (e.g. ``backbone/stem_bn/mean``) and their EMA copies are carried over unchanged too; the
+    forward pass in training mode still normalises with the batch's statistics.
+    """
 
     ema_decay: float
     grad_accum_steps: int = 1
+    freeze: str = ""
+    freeze_bn: bool = False
+
+
+def keep_frozen(new: Any, old: Any, trained: Any) -> Any:
+    """``new`` where ``trained`` (a pytree of Python bools) is True, else ``old`` unchanged."""
+    return jax.tree.map(lambda n, o, t: n if t else o, new, old, trained)
 
 
 def _split_micro(batch: dict[str, jax.Array], k: int) -> dict[str, jax.Array]:
@@ -119,8 +140,11 @@ def make_train_step(
     (before clipping), ``learning_rate`` and ``finite`` (1.0 when the update was applied).
     """
     k = options.grad_accum_steps
+    freeze = options.freeze
 
     def micro_grads(params, batch_stats, batch, rng):
+        trained = trainable_mask(params, freeze)
+
         def objective(p):
             (cls_out, box_out), updates = model.apply(
                 {"params": p, "batch_stats": batch_stats},
@@ -129,7 +153,9 @@ def make_train_step(
                 mutable=["batch_stats"],
                 rngs={"dropout": rng},
             )
-            total, parts = loss_fn(cls_out, box_out, batch, p)
+            # Frozen leaves become None, so the L2 term leaves them out.
+            l2_params = jax.tree.map(lambda x, t: x if t else None, p, trained)
+            total, parts = loss_fn(cls_out, box_out, batch, l2_params)
             return total, (parts, updates["batch_stats"])
 
         (det, (parts, new_stats)), grads = jax.value_and_grad(objective, has_aux=True)(params)
@@ -170,9 +196,12 @@ def make_train_step(
             det = det_sum / k
             parts = jax.tree.map(lambda p: p / k, parts_sum)
 
-        grad_norm = optax.tree.norm(grads)
+        trained = trainable_mask(state.params, freeze)
+        grad_norm = optax.tree.norm(jax.tree.map(lambda g, t: g if t else None, grads, trained))
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
-        new_params = optax.apply_updates(state.params, updates)
+        new_params = keep_frozen(optax.apply_updates(state.params, updates), state.params, trained)
+        stats_trained = trainable_mask(state.batch_stats, freeze if options.freeze_bn else None)
+        new_stats = keep_frozen(new_stats, state.batch_stats, stats_trained)
 
         finite = jnp.isfinite(det) & jnp.isfinite(grad_norm)
         for value in jax.tree.leaves(parts):
@@ -184,8 +213,10 @@ def make_train_step(
         new_step = state.step + 1
         if options.ema_decay > 0:
             decay = ema_decay(options.ema_decay, new_step)
-            ema_params = update_ema(state.ema_params, new_params, decay)
-            ema_stats = update_ema(state.ema_batch_stats, new_stats, decay)
+            ema_params = keep_frozen(update_ema(state.ema_params, new_params, decay),
+                                     state.ema_params, trained)
+            ema_stats = keep_frozen(update_ema(state.ema_batch_stats, new_stats, decay),
+                                    state.ema_batch_stats, stats_trained)
         else:
             ema_params, ema_stats = new_params, new_stats
         new_state = state.replace(

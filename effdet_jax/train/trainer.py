@@ -37,7 +37,8 @@ from jax.experimental import multihost_utils
 from effdet_jax import evaluation, visualize
 from effdet_jax.data import counts as data_counts
 from effdet_jax.data import report as data_report
-from effdet_jax.data.sources import check_available, make_source
+from effdet_jax.data.class_names import label_names
+from effdet_jax.data.sources import check_available
 from effdet_jax.data.transforms import Normalization, denormalize_image
 from effdet_jax.evaluation import report as eval_report
 from effdet_jax.train import (
@@ -45,11 +46,12 @@ from effdet_jax.train import (
     checkpointing,
     compile_cache,
     console,
+    initialization,
     optimizer,
     run_config,
 )
 from effdet_jax.train.batches import gather_to_all, host_batch_to_global
-from effdet_jax.train.config_validation import validate_config
+from effdet_jax.train.config_validation import ConfigError, validate_config
 from effdet_jax.train.experiment import Experiment, build_experiment
 from effdet_jax.train.train_step import TRAIN_KEYS
 
@@ -131,14 +133,39 @@ def _checkpoint_manager(config, workdir):
 
 
 def restore_or_init(exp: Experiment, manager) -> Any:
-    """The latest checkpoint's state if there is one, else a fresh state (both sharded)."""
+    """The latest checkpoint's state if there is one, else the state ``config.init`` gives
+    (``initialization.initial_state``: fresh, with a checkpoint's weights loaded over it)."""
     target = checkpointing.abstract_with_shardings(exp.abstract_state, exp.state_shardings)
     restored = checkpointing.restore_latest(manager, target)
     if restored is None:
-        return exp.init_state()
+        return initialization.initial_state(exp)
     state, step = restored
     console.say("resumed from the checkpoint of step %d", step)
+    if exp.config.init.checkpoint or exp.config.init.backbone:
+        logging.info("config.init is not used: the run resumes from its own checkpoint")
     return state
+
+
+def inference_state(
+    config: ml_collections.ConfigDict, workdir: str, exp: Experiment | None = None
+) -> tuple[Experiment, Any]:
+    """The state evaluation, prediction and export use: ``workdir``'s latest checkpoint if it has
+    one, else ``config.init.checkpoint`` (no training needed), else a ``FileNotFoundError`` that
+    says both ways. Builds the experiment unless ``exp`` is given; returns ``(exp, state)``."""
+    exp = build_experiment(config) if exp is None else exp
+    manager = _checkpoint_manager(config, workdir)
+    try:
+        if manager.latest_step() is not None:
+            return exp, restore_or_init(exp, manager)
+        if config.init.checkpoint:
+            return exp, initialization.initial_state(exp)
+    finally:
+        manager.close()
+    raise initialization.NoCheckpointError(
+        f"no checkpoint in {workdir}/checkpoints and config.init.checkpoint is not set: train into "
+        "this workdir first, or pass --config.init.checkpoint=PATH (an automl or effdet "
+        "checkpoint, or another run's workdir)"
+    )
 
 
 def maybe_initialize_distributed() -> bool:
@@ -202,6 +229,7 @@ def train_and_evaluate(
     validate_config(config, num_devices=jax.device_count())  # only a valid config is saved
     run_config.check_and_save(config, workdir)  # before anything is built
     exp = setup(config, ("train", "eval") if evaluate_during_training else ("train",), workdir)
+    _log_trainable(exp)
     primary = jax.process_index() == 0
     writer = metric_writers.create_default_writer(workdir, just_logging=not primary)
     manager = _checkpoint_manager(config, workdir)
@@ -295,6 +323,21 @@ def train_and_evaluate(
         writer.flush()
     manager.close()
     return eval_metrics
+
+
+def _log_trainable(exp: Experiment) -> None:
+    """Logs how many parameters train; a ``train.freeze`` that matches no parameter, or all of
+    them, is an error (before anything is compiled)."""
+    freeze = exp.config.train.freeze
+    trained, total = optimizer.count_trainable(exp.abstract_state.params, freeze)
+    if freeze and trained in (0, total):
+        raise ConfigError(
+            f"config.train.freeze={freeze!r} matches {'every' if trained == 0 else 'no'} parameter "
+            "(paths look like 'backbone/block_3/expand_conv/kernel', 'class_net/predict/bias')")
+    logging.info("training %s of %s parameters%s", f"{trained:,}", f"{total:,}",
+                 f" ({total - trained:,} frozen by train.freeze={freeze!r}"
+                 f"{', with their BN statistics' if exp.config.train.freeze_bn else ''})"
+                 if freeze else "")
 
 
 def _best_metric(eval_metrics: dict[str, float]) -> dict[str, float] | None:
@@ -400,12 +443,9 @@ def _draw(images: np.ndarray, detections: dict, class_names, normalization: Norm
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-    """Evaluates the latest checkpoint of ``workdir`` (EMA weights by default)."""
-    exp = setup(config, ("eval",))
-    manager = _checkpoint_manager(config, workdir)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = restore_or_init(exp, manager)
+    """Evaluates ``inference_state``: the latest checkpoint of ``workdir``, else
+    ``config.init.checkpoint`` (EMA weights by default)."""
+    exp, state = inference_state(config, workdir, setup(config, ("eval",)))
     writer = metric_writers.create_default_writer(
         workdir, just_logging=jax.process_index() != 0, collection="eval"
     )
@@ -413,27 +453,24 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float
         metrics = evaluate_state(exp, state, writer, int(jax.device_get(state.step)),
                                  os.path.join(workdir, "eval"))
     writer.flush()
-    manager.close()
     return metrics
 
 
 def inference_variables(config: ml_collections.ConfigDict, workdir: str) -> tuple[Experiment, dict]:
-    """The experiment and the variables inference uses (EMA by default) from the latest
-    checkpoint of ``workdir``: the one place predict and export get their weights."""
-    exp = setup(config)
-    manager = _checkpoint_manager(config, workdir)
-    if manager.latest_step() is None:
-        raise FileNotFoundError(f"no checkpoint in {workdir}/checkpoints")
-    state = restore_or_init(exp, manager)
-    manager.close()
+    """The experiment and the variables inference uses (EMA by default), from ``inference_state``
+    (the latest checkpoint of ``workdir``, else ``config.init.checkpoint``): the one place predict
+    and export get their weights."""
+    exp, state = inference_state(config, workdir, setup(config))
     return exp, exp.eval_variables(state)
 
 
 def predict(
     config: ml_collections.ConfigDict, workdir: str, paths: list[str], output_dir: str
 ) -> list[dict]:
-    """Detects objects in image files with the latest checkpoint of ``workdir`` and writes drawn
-    images plus ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``)."""
+    """Detects objects in image files with ``inference_variables`` and writes drawn images plus
+    ``detections.json`` to ``output_dir`` (``effdet_jax.visualize.predict_images``). Class names
+    come from the label space (``data.class_names.label_names``); the images of the dataset are not
+    needed."""
     exp, variables = inference_variables(config, workdir)
     batch_size = exp.mesh.shape["data"]
 
@@ -442,7 +479,7 @@ def predict(
         out = jax.device_get(exp.detect(variables, batch["images"]))
         return out["boxes"], out["scores"], out["classes"], out["valid"]
 
-    class_names = make_source(config.data, "eval").label_map.class_names()
+    class_names = label_names(config.data, config.model.num_classes)
     with jax.set_mesh(exp.mesh):
         return visualize.predict_images(
             paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size,

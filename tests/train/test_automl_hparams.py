@@ -46,8 +46,6 @@ FIXED: dict[str, tuple[Any, str]] = {
                                  "without automl's optional moving average"),
     "loss_scale": (None, "no loss scaling: compute is float32 or bfloat16, losses float32"),
     "regenerate_source_id": (False, "examples keep their dataset image ids"),
-    "var_freeze_expr": (None, "COCO training trains every variable (finetune.trainable_mask "
-                              "offers regex freezing to library users)"),
 }
 
 # Fields with no counterpart here because they do not change what is trained or predicted.
@@ -162,6 +160,7 @@ def _ours(config) -> dict[str, Any]:
         "num_epochs": train.num_epochs,
         "clip_gradients_norm": train.clip_gradients_norm,
         "moving_average_decay": train.ema_decay,
+        "var_freeze_expr": train.freeze or None,  # config.train.freeze: "" trains everything
         "nms_configs": {
             "method": post.method,
             "iou_thresh": post.iou_threshold,
@@ -186,6 +185,7 @@ def _expected(h: dict[str, Any]) -> dict[str, Any]:
         "weight_decay", "optimizer", "momentum", "learning_rate", "lr_warmup_init",
         "lr_warmup_epoch", "lr_decay_method", "poly_lr_power", "first_lr_drop_epoch",
         "second_lr_drop_epoch", "num_epochs", "clip_gradients_norm", "moving_average_decay",
+        "var_freeze_expr",
     )}
     out["image_size"] = _image_size(h["image_size"])
     out["aspect_ratios"] = tuple(

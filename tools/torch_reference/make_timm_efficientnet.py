@@ -1,8 +1,10 @@
 """timm ``tf_efficientnet_*`` reference: state dicts and eval-mode logits on fixed inputs.
 
 Random init (no download) with randomised BN statistics. For each model ``M`` the npz holds
-``M/sd/<timm name>`` (numpy arrays), ``M/input`` ``[N, H, W, 3]`` (NHWC) and ``M/logits``
-``[N, 1000]``. Models: B0 at 224, B2 at 192 (a scaled variant), lite0 at 224 (relu6, no SE).
+``M/sd/<timm name>`` (numpy arrays), ``M/input`` ``[N, H, W, 3]`` (NHWC), ``M/logits``
+``[N, 1000]`` and ``M/features_<stride>`` (NHWC backbone features at strides 8, 16, 32, i.e. the
+P3-P5 inputs of an EfficientDet, from timm's ``features_only`` model with the same weights).
+Models: B0 at 224, B2 at 192 (a scaled variant), lite0 at 224 (relu6, no SE).
 """
 
 import numpy as np
@@ -23,6 +25,14 @@ def main() -> None:
         x = np.random.default_rng(300 + seed).standard_normal((2, size, size, 3)).astype(np.float32)
         with torch.no_grad():
             logits = model(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()).numpy()
+        features = timm.create_model(name, pretrained=False, features_only=True,
+                                     out_indices=(2, 3, 4)).eval()
+        missing, _ = features.load_state_dict(model.state_dict(), strict=False)
+        assert not missing, missing
+        with torch.no_grad():
+            maps = features(torch.from_numpy(x).permute(0, 3, 1, 2).contiguous())
+        for stride, fmap in zip((8, 16, 32), maps, strict=True):
+            arrays[f"{name}/features_{stride}"] = fmap.permute(0, 2, 3, 1).numpy()
         arrays[f"{name}/input"] = x
         arrays[f"{name}/logits"] = logits
         for k, v in model.state_dict().items():
