@@ -40,7 +40,7 @@ from effdet_jax.convert.common import CheckpointMismatchError
 from effdet_jax.convert.effdet import load_effdet_state_dict
 from effdet_jax.convert.timm import efficientnet_assignments
 from effdet_jax.models.efficientdet import EfficientDet
-from effdet_jax.train import checkpoint_files
+from effdet_jax.train import checkpoint_files, console
 from effdet_jax.train.checkpoint_files import CheckpointFile, CheckpointFileError
 
 # Variables under this prefix change shape with ``model.num_classes``; they are re-initialised
@@ -303,7 +303,11 @@ def initial_state(exp: Any) -> Any:
     init_plan = plan(exp.config, exp.model, exp.abstract_state)
     if init_plan is None:
         return exp.init_state()
-    logging.info("%s", init_plan.table())
+    table = init_plan.table()
+    logging.info("%s", table)
+    # The console gets the summary and the re-initialised rows; the whole table is in the log file.
+    summary = [line for line in table.splitlines()[2:] if line.startswith("re-initialised")]
+    console.say("%s", "\n".join([table.splitlines()[0], *summary]))
     if not init_plan.reinitialised:
         return _loaded_state(exp, init_plan)
     return apply(exp.init_state(), init_plan)

@@ -334,7 +334,7 @@ def _log_trainable(exp: Experiment) -> None:
         raise ConfigError(
             f"config.train.freeze={freeze!r} matches {'every' if trained == 0 else 'no'} parameter "
             "(paths look like 'backbone/block_3/expand_conv/kernel', 'class_net/predict/bias')")
-    logging.info("training %s of %s parameters%s", f"{trained:,}", f"{total:,}",
+    console.say("training %s of %s parameters%s", f"{trained:,}", f"{total:,}",
                  f" ({total - trained:,} frozen by train.freeze={freeze!r}"
                  f"{', with their BN statistics' if exp.config.train.freeze_bn else ''})"
                  if freeze else "")

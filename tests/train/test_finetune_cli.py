@@ -88,7 +88,7 @@ def test_finetune_new_classes_frozen_backbone_then_predict(tmp_path):
     train = _run(workdir, "train", *flags, "--config.train.total_steps=2",
                  "--config.checkpoint.every_steps=2")
     assert train.returncode == 0, train.stderr[-4000:]
-    log = train.stderr
+    log = train.stderr + (workdir / "log.txt").read_text()  # the console and the full log
     assert re.search(r"re-initialised\s+params/class_net/predict/bias\s+\(27,\)", log), log[-4000:]
     assert re.search(r"re-initialised\s+params/class_net/predict/pointwise/kernel", log)
     assert re.search(r"loaded\s+params/backbone/stem_conv/kernel", log)

@@ -65,7 +65,7 @@ def test_eval_of_an_imported_automl_checkpoint(kind, automl_reference, automl_fo
         cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    log = result.stderr
+    log = result.stderr + (tmp_path / "run" / "log.txt").read_text()  # console and full log
     assert f"config.init.checkpoint={tmp_path / folder}" in log  # the init table
     assert "676 loaded, 0 re-initialised, 0 unused" in log
     match = re.search(r"\[0\] collection=eval .*eval/AP=([0-9.]+)", log)  # the eval scalars
