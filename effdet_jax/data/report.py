@@ -156,15 +156,12 @@ class SplitReport:
 
 
 def _load_json(path: str) -> dict:
+    from effdet_jax.data.sources.coco_json import read_coco_json
+
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadDataError(f"cannot read COCO annotations {path}: {e}") from e
-    for key in ("images", "categories"):
-        if not isinstance(data.get(key), list):
-            raise BadDataError(f"{path} has no {key!r} list (not a COCO json)")
-    return data
+        return read_coco_json(path)
+    except ValueError as e:
+        raise BadDataError(str(e)) from e
 
 
 def _headers_of(data: Mapping[str, Any], image_dir: str) -> tuple[list[dict], list[Header]]:

@@ -26,6 +26,20 @@ from effdet_jax.data.sources.base import Source, shard_range, shard_size
 log = logging.getLogger(__name__)
 
 
+
+def read_coco_json(path: str) -> dict:
+    """The parsed COCO json at ``path``; ``ValueError`` naming the file when it cannot be read or
+    has no ``images`` / ``categories`` list."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read COCO annotations {path}: {e}") from e
+    for key in ("images", "categories"):
+        if not isinstance(data.get(key), list):
+            raise ValueError(f"{path} has no {key!r} list (not a COCO json)")
+    return data
+
 class CocoJsonIndex:
     """Per-image annotation arrays of a COCO json, ready for ``decode``.
 
@@ -39,14 +53,7 @@ class CocoJsonIndex:
     """
 
     def __init__(self, annotations_path: str, image_dir: str, label_space: str = "contiguous"):
-        try:
-            with open(annotations_path) as f:
-                data = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read COCO annotations {annotations_path}: {e}") from e
-        for key in ("images", "categories"):
-            if key not in data:
-                raise ValueError(f"{annotations_path} has no {key!r} list (not a COCO json)")
+        data = read_coco_json(annotations_path)
         self.label_map: LabelMap = from_categories(data["categories"], label_space)
         images = data["images"]
         row = {int(im["id"]): i for i, im in enumerate(images)}
