@@ -45,7 +45,7 @@ lint: setup
 
 test: setup refs
 	$(VENV)/bin/ruff check .
-	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q tests
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q --durations=25 tests
 
 test-all: setup refs
 	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q -m "" tests
