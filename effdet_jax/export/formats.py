@@ -71,11 +71,6 @@ def write_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Seque
         raise FormatUnavailableError(
             f"onnx: jax2onnx is not installed ({e}); pip install -e '.[export]'"
         ) from e
-    if _is_dynamic(spec):
-        raise FormatUnavailableError(
-            "onnx: a dynamic batch is not available: jax2onnx 0.17 cannot lower the padding of a "
-            "symbolic batch dimension; export onnx with a fixed --config.export.batch_size"
-        )
     from effdet_jax.export.jaxpr_rewrite import for_onnx
 
     # jax2onnx logs a traceback for each of its optional plugins (equinox, dm-pix) it cannot import.

@@ -17,10 +17,13 @@ TOP_K = 20
 
 
 def raw_relative_error(reference: Sequence[np.ndarray], exported: Sequence[np.ndarray]) -> float:
-    """Max over outputs of ``max |exported - reference| / max |reference|``."""
+    """Max over outputs of ``max |exported - reference| / max |reference|``; ``inf`` where either
+    side holds a non-finite value (a NaN would otherwise compare as no difference)."""
     worst = 0.0
     for ref, out in zip(reference, exported, strict=True):
         ref = np.asarray(ref, np.float64)
+        if not (np.isfinite(ref).all() and np.isfinite(np.asarray(out, np.float64)).all()):
+            return float("inf")
         scale = max(float(np.abs(ref).max()), 1e-12)
         worst = max(worst, float(np.abs(np.asarray(out, np.float64) - ref).max()) / scale)
     return worst
