@@ -26,7 +26,7 @@ def test_export_keys_parse_from_flags():
         ("batch_size", "0", "dynamic"),
         ("batch_size", "many", "positive integer"),
         ("dtype", "int4", "float16"),
-        ("dtype", "int8", "only float32"),
+        ("dtype", "int8", "formats=tflite"),
     ],
 )
 def test_bad_export_values_fail_naming_key_and_fix(key, value, expected):
