@@ -58,5 +58,7 @@ test: setup refs
 	$(VENV)/bin/ruff check .
 	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q tests
 
-test-all: setup refs
-	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q -m "" tests
+# The slow tests include the SavedModel / LiteRT export, which needs the onnx2tf venv.
+test-all: setup refs onnx2tf
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 \
+	  EFFDET_JAX_ONNX2TF_VENV=$(ONNX2TF_VENV) EFFDET_JAX_REQUIRE_ONNX2TF=1 $(PY) -m pytest -n 2 -q -m "" tests

@@ -1,12 +1,13 @@
-"""Export a trained EfficientDet: StableHLO, ONNX and TF SavedModel files that take uint8
+"""Export a trained EfficientDet: StableHLO, ONNX, TF SavedModel and LiteRT files that take uint8
 pixels, each checked against the JAX model in its own runtime.
 
 ``export_model(model, variables, options, postprocess_config, output_dir)`` writes the formats
 of ``options`` (``options.ExportOptions``), runs each written file on the same uint8 images as
 the JAX serving function, and writes ``export.json`` (inputs, outputs, normalisation, parity per
 format, and why any format could not be produced). ``serving`` builds the exported function,
-``formats`` holds one writer and runner per format, ``graph_check`` checks the graph is plain
-XLA, ``parity`` measures the differences.
+``formats`` holds one writer and runner per format (SavedModel and LiteRT are converted from the
+ONNX file, ``litert``), ``graph_check`` checks the graph is plain XLA, ``parity`` measures the
+differences.
 """
 
 from __future__ import annotations
@@ -44,14 +45,15 @@ def check_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
     return np.random.default_rng(seed).integers(0, 256, (batch, height, width, 3), dtype=np.uint8)
 
 
-def _convert_from_onnx(converted, fn, spec, output_dir, names, written, dtype, calibration):
+def _convert_from_onnx(converted, fn, spec, output_dir, names, written, options, calibration):
     """``savedmodel`` / ``tflite`` from the written ONNX file, or from one written for them in a
     temporary folder when ``onnx`` was not asked for."""
-    if "onnx" in written:
-        return formats.write_converted(converted, written["onnx"], output_dir, dtype, calibration)
+    if options.with_nms or "onnx" in written:  # (with NMS the converter refuses before reading)
+        return formats.write_converted(converted, written.get("onnx", ""), output_dir, options.dtype,
+                                       calibration, options.with_nms)
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
         onnx_path = formats.write("onnx", fn, spec, tmp, names)
-        return formats.write_converted(converted, onnx_path, output_dir, dtype, calibration)
+        return formats.write_converted(converted, onnx_path, output_dir, options.dtype, calibration)
 
 
 def export_model(
@@ -100,7 +102,7 @@ def export_model(
     if converted:
         try:
             written.update(_convert_from_onnx(converted, fn, spec, output_dir, names, written,
-                                              options.dtype, calibration))
+                                              options, calibration))
         except formats.FormatUnavailableError as e:
             unavailable.update({fmt: str(e) for fmt in converted})
     for fmt in [f for f in options.formats if f in written]:

@@ -94,18 +94,30 @@ def write_converted(
     output_dir: str,
     dtype: str = "float32",
     calibration: np.ndarray | None = None,
+    with_nms: bool = False,
 ) -> dict[str, str]:
     """``savedmodel`` and / or ``tflite`` (``wanted``) converted from the ONNX file by onnx2tf in
     one run (:mod:`effdet_jax.export.litert`); returns format -> written path. ``dtype`` applies
-    to the LiteRT file (the SavedModel is float32); ``int8`` calibrates on ``calibration``."""
+    to the LiteRT file (the SavedModel is float32); ``int8`` calibrates on ``calibration``.
+    ``with_nms`` (the ONNX file holds the NMS loop) is refused before converting."""
     from effdet_jax.export import litert
+
+    try:
+        litert.venv_python()
+    except litert.ConverterMissingError as e:
+        raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
+    if with_nms:
+        raise FormatUnavailableError(
+            f"{', '.join(wanted)}: not with NMS inside: onnx2tf 2.6 cannot convert the NMS loop "
+            "(ONNX Loop; its TensorFlow backend fails on it, its direct LiteRT file fails at run time "
+            "in GATHER_ND); export with --config.export.with_nms=false and apply "
+            "effdet_jax.detection.postprocess to the raw outputs"
+        )
 
     paths = {fmt: os.path.join(output_dir, FILE_NAMES[fmt]) for fmt in wanted}
     try:
         litert.convert(onnx_path, output_dir, savedmodel_path=paths.get("savedmodel"),
                        tflite_path=paths.get("tflite"), dtype=dtype, calibration=calibration)
-    except litert.ConverterMissingError as e:
-        raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
     except RuntimeError as e:
         raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
     return paths
@@ -114,10 +126,10 @@ def write_converted(
 def run_savedmodel(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     import tensorflow as tf
 
+    from effdet_jax.export import litert
+
     outputs = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
-    # onnx2tf names the signature's outputs ``output_<i>`` in the ONNX outputs' order.
-    keys = names if all(k in outputs for k in names) else [f"output_{i}" for i in range(len(names))]
-    return [outputs[k].numpy() for k in keys]
+    return [x.numpy() for x in litert.outputs_in_order(outputs, names)]
 
 
 def run_tflite(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
