@@ -16,6 +16,9 @@ def test_export_keys_parse_from_flags():
     assert options.batch_size is None and options.with_nms is False
     config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.batch_size=4")
     assert parse_options(config.export).batch_size == 4
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.formats=onnx,tflite",
+                    "--config.export.dtype=int8")
+    assert parse_options(config.export).dtype == "int8"  # LiteRT's; the ONNX file stays float32
 
 
 @pytest.mark.parametrize(
