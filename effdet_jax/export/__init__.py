@@ -76,9 +76,10 @@ def export_model(
     to ``tflite``; the other formats are float32.
     """
     os.makedirs(output_dir, exist_ok=True)
-    fn = serving.make_serving_fn(model, variables, postprocess_config if options.with_nms else None)
+    fn = serving.make_serving_fn(model, variables, postprocess_config if options.with_nms else None,
+                                 options.input_size)
     names = serving.output_names(model, options.with_nms)
-    height, width = serving.image_size(model)
+    height, width = options.input_size or serving.image_size(model)
     spec = formats.input_spec(options.batch_size, height, width)
     exported = formats.export_stablehlo(fn, spec)
     graph_check.check_plain_xla(fn, spec, exported)
@@ -115,6 +116,8 @@ def export_model(
             "model": model.config.name,
             "input": {"name": "images", "dtype": "uint8",
                       "shape": [options.batch_size or "batch", height, width, 3],
+                      "letterboxed_to": None if options.input_size is None
+                      else list(serving.image_size(model)),
                       "normalization_inside": {"mean_rgb": mean_rgb, "stddev_rgb": stddev_rgb}},
             "outputs": list(names),
             "dtype": {fmt: options.dtype if fmt == "tflite" else "float32" for fmt in written},
