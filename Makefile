@@ -8,11 +8,13 @@ PY := $(VENV)/bin/python
 TORCH_PYTHON ?= python3.11
 TORCH_VENV ?= $(HOME)/.cache/effdet_jax/torch-venv
 REFS ?= $(HOME)/.cache/effdet_jax/torch_refs
+# onnx2tf (LiteRT / SavedModel export) pins other numpy / onnx / protobuf versions: its own venv.
+ONNX2TF_VENV ?= $(HOME)/.cache/effdet_jax/onnx2tf-venv
 WORKDIR ?= /tmp/effdet_jax_shapes
 REF_SCRIPTS := $(wildcard tools/torch_reference/make_*.py)
 REF_FILES := $(patsubst tools/torch_reference/make_%.py,$(REFS)/%.npz,$(REF_SCRIPTS))
 
-.PHONY: setup demo test test-all refs lint
+.PHONY: setup demo test test-all refs lint onnx2tf
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +36,15 @@ $(REFS)/%.npz: tools/torch_reference/make_%.py tools/torch_reference/common.py $
 
 refs: $(REF_FILES)
 
+# --config.export.formats=savedmodel,tflite runs $(ONNX2TF_VENV)/bin/onnx2tf (EFFDET_JAX_ONNX2TF_VENV
+# points elsewhere).
+$(ONNX2TF_VENV)/.installed: tools/onnx2tf/requirements.txt
+	$(PYTHON) -m venv $(ONNX2TF_VENV)
+	$(ONNX2TF_VENV)/bin/pip install -q -r tools/onnx2tf/requirements.txt
+	touch $@
+
+onnx2tf: $(ONNX2TF_VENV)/.installed
+
 # main.py sets up its own malloc: it re-executes itself with tcmalloc (or jemalloc) preloaded where
 # one is installed, else with glibc's huge pages (effdet_jax/train/launcher.py;
 # EFFDET_JAX_CPU_MALLOC=0 keeps the environment as given).
@@ -47,5 +58,7 @@ test: setup refs
 	$(VENV)/bin/ruff check .
 	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q --durations=25 tests
 
-test-all: setup refs
-	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q -m "" tests
+# The slow tests include the SavedModel / LiteRT export, which needs the onnx2tf venv.
+test-all: setup refs onnx2tf
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 \
+	  EFFDET_JAX_ONNX2TF_VENV=$(ONNX2TF_VENV) EFFDET_JAX_REQUIRE_ONNX2TF=1 $(PY) -m pytest -n 2 -q -m "" tests

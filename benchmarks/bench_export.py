@@ -2,8 +2,10 @@
 in one run (one process, same machine state).
 
 Rows per model: ``jax`` (the model as evaluation runs it: CPU kernels on, jitted, uint8 in,
-normalisation inside), ``stablehlo`` (the exported plain-XLA graph, ``jax.export.deserialize``)
-and ``onnx`` (onnxruntime, CPU provider, default threads). Raw outputs and with NMS. Weights are
+normalisation inside), ``stablehlo`` (the exported plain-XLA graph, ``jax.export.deserialize``),
+``onnx`` (onnxruntime, CPU provider, default threads) and, for raw outputs, ``tflite`` (float32
+LiteRT converted from the ONNX file by onnx2tf, ``ai_edge_litert`` with its default XNNPACK
+delegate, in the onnx2tf venv: ``make onnx2tf``). Raw outputs and with NMS. Weights are
 random (latency does not depend on them, but NMS work does a little); each case is timed
 ``--repeats`` times after warm-up, compilation / session creation excluded.
 
@@ -42,6 +44,9 @@ def main() -> None:
     parser.add_argument("--model", default="efficientdet-d0")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--runtimes", default="tflite",
+                        help="extra runtimes: 'tflite' (needs `make onnx2tf`; raw outputs only, "
+                             "LiteRT takes no NMS loop) or ''")
     args = parser.parse_args()
     model = efficientdet(args.model, image_size=args.image_size)
     variables = random_variables(model, args.image_size)
@@ -61,8 +66,17 @@ def main() -> None:
                 path = formats.write(fmt, plain_fn, spec, tmp, names)
                 sizes[fmt] = f"{os.path.getsize(path) / 2**20:.1f} MiB"
                 cases[fmt] = _runner(fmt, path, names)
+                onnx_path = path
+            if not with_nms and "tflite" in args.runtimes:
+                # LiteRT (float32) from the ONNX file, timed inside the onnx2tf venv's process.
+                path = formats.write_converted(["tflite"], onnx_path, tmp)["tflite"]
+                sizes["tflite"] = f"{os.path.getsize(path) / 2**20:.1f} MiB"
+                cases["tflite"] = _litert_case(path, names, args.image_size, args.repeats)
             for name, fn in cases.items():
-                r = timed(fn, warmup=2, repeats=args.repeats)
+                if isinstance(fn, dict):  # measured in another process
+                    r = dict(fn)
+                else:
+                    r = timed(fn, warmup=2, repeats=args.repeats)
                 r.update(model=args.model, image_size=args.image_size, nms=with_nms, runtime=name,
                          file_size=sizes[name])
                 results.append(r)
@@ -87,6 +101,17 @@ def _with_model(model, variables, pp):
         return postprocess(cls_out, box_out, boxes, cfg.image_size, None, pp)
 
     return run
+
+
+def _litert_case(path: str, names, size: int, repeats: int) -> dict:
+    """LiteRT latency (ms) of ``path`` at batch 1, one warm-up then ``repeats`` timed runs in the
+    onnx2tf venv (``effdet_jax.export.litert.run_tflite``)."""
+    from effdet_jax.export import litert
+
+    _, times = litert.run_tflite(path, check_images(1, size, size), names, repeats=repeats)
+    times = [float(t) for t in times]
+    return {"median_ms": float(np.median(times)), "min_ms": min(times), "max_ms": max(times),
+            "runs": len(times), "times_ms": [round(t, 3) for t in times]}
 
 
 def _runner(fmt: str, path: str, names):

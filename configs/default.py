@@ -121,10 +121,11 @@ def get_config() -> ml_collections.ConfigDict:
 
     # ---- export (--mode=export; effdet_jax.export) ----
     config.export = ml_collections.ConfigDict()
-    config.export.formats = "stablehlo,onnx"  # comma-separated subset of effdet_jax.export.FORMATS
+    config.export.formats = "stablehlo,onnx"  # subset of export.FORMATS (savedmodel, tflite: make onnx2tf)
     config.export.batch_size = "1"  # a positive integer, or "dynamic" (a symbolic batch)
     config.export.with_nms = True  # boxes / scores / classes / valid after eval.postprocess
-    config.export.dtype = "float32"
+    config.export.dtype = "float32"  # the tflite file's: float32, float16 or int8 (others: float32)
+    config.export.input_size = ""  # "HxW": images of that size, letterboxed in the graph; "": model's
 
     # ---- checkpoints and logs ----
     config.checkpoint = ml_collections.ConfigDict()

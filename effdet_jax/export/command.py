@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import ml_collections
+import numpy as np
 
 from effdet_jax.detection.postprocess import PostprocessConfig
 from effdet_jax.export import ExportResult, export_model
@@ -22,6 +23,30 @@ def summary_lines(result: ExportResult) -> list[str]:
     return lines
 
 
+# Images of the configured eval data that calibrate an int8 LiteRT file.
+CALIBRATION_IMAGES = 32
+
+
+def calibration_images(config: ml_collections.ConfigDict, image_size: int,
+                       count: int = CALIBRATION_IMAGES) -> np.ndarray:
+    """The first ``count`` images of the eval data as uint8 ``[N, S, S, 3]`` pixels: the eval
+    pipeline's letterboxed images with its normalisation undone (padding examples left out)."""
+    from effdet_jax.data.transforms import denormalize_image
+    from effdet_jax.train.batches import eval_pipeline
+
+    pipeline = eval_pipeline(config, image_size)
+    images = []
+    for batch in pipeline:
+        real = np.asarray(batch["image_id"]) >= 0
+        rgb = denormalize_image(np.asarray(batch["images"])[real], pipeline.normalization)
+        images.extend(np.clip(np.round(rgb), 0, 255).astype(np.uint8))
+        if len(images) >= count:
+            break
+    if not images:
+        raise ValueError("int8 LiteRT export needs calibration images, and the eval data has none")
+    return np.stack(images[:count])
+
+
 def run_export(config: ml_collections.ConfigDict, workdir: str, output_dir: str) -> ExportResult:
     """Exports the latest checkpoint of ``workdir`` (EMA weights by default) as
     ``config.export`` asks into ``output_dir``; prints one line per format."""
@@ -30,8 +55,12 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, output_dir: str)
     options = parse_options(config.export)  # before anything is restored or compiled
     exp, variables = trainer.inference_variables(config, workdir)
     variables = jax.device_get(variables)
+    calibration = None
+    if options.dtype == "int8":
+        calibration = calibration_images(config, exp.image_size)
     result = export_model(exp.model, variables, options,
-                          PostprocessConfig(**config.eval.postprocess.to_dict()), output_dir)
+                          PostprocessConfig(**config.eval.postprocess.to_dict()), output_dir,
+                          calibration=calibration)
     for line in summary_lines(result):
         print(line)
     if result.unavailable:

@@ -2,10 +2,12 @@
 
 * ``stablehlo``: ``jax.export`` (serialized StableHLO; ``jax.export.deserialize`` reloads it);
 * ``onnx``: ``jax2onnx``, run with ``onnxruntime``;
-* ``savedmodel``: ``jax.experimental.jax2tf`` in a ``tf.Module`` with a ``serving_default``
-  signature, run with TensorFlow (the graph is one ``XlaCallModule`` op holding the StableHLO;
-  a TensorFlow whose XLA is older than jax's StableHLO cannot run it, and the writer says so);
-* ``tflite``: not produced; :func:`write` raises :class:`FormatUnavailableError` saying why.
+* ``savedmodel`` and ``tflite``: converted from the ONNX file by onnx2tf in its own venv
+  (:mod:`effdet_jax.export.litert`): a SavedModel of plain TF ops with a ``serving_default``
+  signature, run with TensorFlow, and a LiteRT file (float32, float16 or int8), run with
+  ``ai_edge_litert``. (``jax2tf`` would embed the StableHLO in one ``XlaCallModule`` op, which
+  TensorFlow 2.21 cannot read from jax 0.12: its XLA takes StableHLO up to v1.13.7, jax writes
+  v1.18; TF's LiteRT converter cannot lower that op either.)
 
 Writers take the serving function (``serving.make_serving_fn``) and the input spec
 ``jax.ShapeDtypeStruct`` uint8 ``[batch, height, width, 3]`` (``batch`` may be symbolic); runners
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from collections.abc import Callable, Sequence
 
 import jax
@@ -33,10 +34,6 @@ def input_spec(batch_size: int | None, height: int, width: int) -> jax.ShapeDtyp
     """uint8 ``[batch, height, width, 3]``; ``batch_size`` ``None`` gives a symbolic batch ``b``."""
     batch = jax.export.symbolic_shape("b")[0] if batch_size is None else batch_size
     return jax.ShapeDtypeStruct((batch, height, width, 3), np.uint8)
-
-
-def _is_dynamic(spec: jax.ShapeDtypeStruct) -> bool:
-    return not isinstance(spec.shape[0], int)
 
 
 def export_stablehlo(fn: Callable, spec: jax.ShapeDtypeStruct) -> jax.export.Exported:
@@ -71,11 +68,6 @@ def write_onnx(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Seque
         raise FormatUnavailableError(
             f"onnx: jax2onnx is not installed ({e}); pip install -e '.[export]'"
         ) from e
-    if _is_dynamic(spec):
-        raise FormatUnavailableError(
-            "onnx: a dynamic batch is not available: jax2onnx 0.17 cannot lower the padding of a "
-            "symbolic batch dimension; export onnx with a fixed --config.export.batch_size"
-        )
     from effdet_jax.export.jaxpr_rewrite import for_onnx
 
     # jax2onnx logs a traceback for each of its optional plugins (equinox, dm-pix) it cannot import.
@@ -96,62 +88,62 @@ def run_onnx(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.nda
     return session.run(list(names), {"images": images})
 
 
-def write_savedmodel(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Sequence[str]) -> None:
-    import tensorflow as tf
-    from jax.experimental import jax2tf
+def write_converted(
+    wanted: Sequence[str],
+    onnx_path: str,
+    output_dir: str,
+    dtype: str = "float32",
+    calibration: np.ndarray | None = None,
+    with_nms: bool = False,
+) -> dict[str, str]:
+    """``savedmodel`` and / or ``tflite`` (``wanted``) converted from the ONNX file by onnx2tf in
+    one run (:mod:`effdet_jax.export.litert`); returns format -> written path. ``dtype`` applies
+    to the LiteRT file (the SavedModel is float32); ``int8`` calibrates on ``calibration``.
+    ``with_nms`` (the ONNX file holds the NMS loop) is refused before converting."""
+    from effdet_jax.export import litert
 
-    dynamic = _is_dynamic(spec)
-    converted = jax2tf.convert(
-        fn, polymorphic_shapes=["(b, ...)"] if dynamic else None, with_gradient=False,
-        native_serialization_platforms=("cpu", "cuda"),
-    )
-    module = tf.Module()
-    signature = tf.TensorSpec((None if dynamic else spec.shape[0], *spec.shape[1:]), tf.uint8,
-                              name="images")
-
-    @tf.function(input_signature=[signature], autograph=False)
-    def serving_default(images):
-        return dict(zip(names, converted(images), strict=True))
-
-    module.serving_default = serving_default
-    tf.saved_model.save(module, path, signatures={"serving_default": serving_default})
-    # TensorFlow reads the embedded StableHLO only up to the version its XLA knows: a SavedModel
-    # it cannot run is removed and reported, not left behind.
     try:
-        run_savedmodel(path, np.zeros((spec.shape[0] if not dynamic else 1, *spec.shape[1:]),
-                                      np.uint8), names)
-    except tf.errors.OpError as e:
-        shutil.rmtree(path, ignore_errors=True)
-        lines = str(e).splitlines()
-        reason = next((line for line in lines if "failed to deserialize" in line),
-                      next((line for line in lines if "StableHLO" in line), str(e)[:300]))
+        litert.venv_python()
+    except litert.ConverterMissingError as e:
+        raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
+    if with_nms:
         raise FormatUnavailableError(
-            f"savedmodel: TensorFlow {tf.__version__} cannot run the StableHLO jax {jax.__version__} "
-            f"embeds ({reason.strip()}); use a TensorFlow whose XlaCallModule reads it, or export "
-            "stablehlo / onnx"
-        ) from e
+            f"{', '.join(wanted)}: not with NMS inside: onnx2tf 2.6 cannot convert the NMS loop "
+            "(ONNX Loop; its TensorFlow backend fails on it, its direct LiteRT file fails at run time "
+            "in GATHER_ND); export with --config.export.with_nms=false and apply "
+            "effdet_jax.detection.postprocess to the raw outputs"
+        )
+
+    paths = {fmt: os.path.join(output_dir, FILE_NAMES[fmt]) for fmt in wanted}
+    try:
+        litert.convert(onnx_path, output_dir, savedmodel_path=paths.get("savedmodel"),
+                       tflite_path=paths.get("tflite"), dtype=dtype, calibration=calibration)
+    except RuntimeError as e:
+        raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
+    return paths
 
 
 def run_savedmodel(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
     import tensorflow as tf
 
+    from effdet_jax.export import litert
+
     outputs = tf.saved_model.load(path).signatures["serving_default"](images=tf.constant(images))
-    return [outputs[k].numpy() for k in names]
+    return [x.numpy() for x in litert.outputs_in_order(outputs, names)]
 
 
-def write_tflite(fn: Callable, spec: jax.ShapeDtypeStruct, path: str, names: Sequence[str]) -> None:
-    raise FormatUnavailableError(
-        "tflite: LiteRT conversion is not implemented: the maintained converters (onnx2tf from the "
-        "ONNX file, or TF's converter from a SavedModel, which here holds one XlaCallModule op "
-        "TF's converter cannot lower) are not part of this installation; export 'stablehlo' or "
-        "'onnx' instead"
-    )
+def run_tflite(path: str, images: np.ndarray, names: Sequence[str]) -> list[np.ndarray]:
+    from effdet_jax.export import litert
+
+    return litert.run_tflite(path, images, names)[0]
 
 
-WRITERS = {"stablehlo": write_stablehlo, "onnx": write_onnx, "savedmodel": write_savedmodel,
-           "tflite": write_tflite}
-RUNNERS = {"stablehlo": run_stablehlo, "onnx": run_onnx, "savedmodel": run_savedmodel}
-assert set(WRITERS) == set(FORMATS)
+# Formats written from the serving function; the others are converted from the ONNX file.
+WRITERS = {"stablehlo": write_stablehlo, "onnx": write_onnx}
+CONVERTED = ("savedmodel", "tflite")
+RUNNERS = {"stablehlo": run_stablehlo, "onnx": run_onnx, "savedmodel": run_savedmodel,
+           "tflite": run_tflite}
+assert set(WRITERS) | set(CONVERTED) == set(RUNNERS) == set(FORMATS)
 
 
 def write(fmt: str, fn: Callable, spec: jax.ShapeDtypeStruct, output_dir: str,

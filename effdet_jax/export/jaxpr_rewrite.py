@@ -7,7 +7,8 @@ equivalent primitives (same values), for the ONNX export only.
 * ``reduce_window_max`` (max pooling) becomes the maximum of its strided window slices:
   jax2onnx emits an ONNX ``MaxPool`` over all 4 dimensions of ``[batch, height, width,
   channels]``, which onnxruntime rejects ("Unsupported pooling size"). Max is exact, so the
-  slices give the same values.
+  slices give the same values; ``SAME`` padding repeats the edges (see
+  :func:`max_pool_by_slices`), so a symbolic batch converts too.
 
 Control-flow bodies (``scan`` / ``while`` / ``cond``) are rewritten the same way.
 """
@@ -34,8 +35,18 @@ def max_pool_by_slices(
     window_strides: tuple[int, ...],
     padding: tuple[tuple[int, int], ...],
 ) -> jax.Array:
-    """``lax.reduce_window(x, -inf, lax.max, ...)`` (no dilation) as a maximum of slices."""
-    x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in padding])
+    """``lax.reduce_window(x, -inf, lax.max, ...)`` (no dilation) as a maximum of slices.
+
+    Where every padding is shorter than its window (TF ``SAME`` pooling), the edges are repeated
+    instead of padding with ``-inf``: a window that holds padding positions also holds the edge
+    element next to them, so its maximum is the same. Repeating is a concatenation, which
+    jax2onnx converts with a symbolic batch dimension (its ``lax.pad`` lowering needs a constant
+    output shape).
+    """
+    if all(lo < w and hi < w for (lo, hi), w in zip(padding, window_dimensions, strict=True)):
+        x = _repeat_edges(x, padding)
+    else:
+        x = lax.pad(x, jnp.array(-jnp.inf, x.dtype), [(lo, hi, 0) for lo, hi in padding])
     counts = [(n - w) // s + 1 for n, w, s in zip(x.shape, window_dimensions, window_strides,
                                                    strict=True)]
     result = None
@@ -44,6 +55,16 @@ def max_pool_by_slices(
         part = lax.slice(x, offsets, limits, window_strides)
         result = part if result is None else jnp.maximum(result, part)
     return result
+
+
+def _repeat_edges(x: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """``x`` with its first / last slice along each axis repeated ``lo`` / ``hi`` times."""
+    for axis, (lo, hi) in enumerate(padding):
+        if lo or hi:
+            first = lax.slice_in_dim(x, 0, 1, axis=axis)
+            last = lax.slice_in_dim(x, x.shape[axis] - 1, x.shape[axis], axis=axis)
+            x = lax.concatenate([first] * lo + [x] + [last] * hi, axis)
+    return x
 
 
 def _rewrite_max_pool(eqn: Any, invals: list[Any]) -> list[Any] | None:

@@ -29,13 +29,17 @@ class ExportOptions:
       batch_size: the exported batch dimension; ``None`` for a dynamic (symbolic) batch.
       with_nms: outputs after the configured post-processing (boxes / scores / classes / valid)
         instead of the raw per-level outputs.
-      dtype: one of :data:`DTYPES` (``float16`` / ``int8`` for ``tflite`` only).
+      dtype: one of :data:`DTYPES`: the LiteRT file's (``int8`` calibrated on images of the
+        configured eval data); every other format is float32.
+      input_size: ``(height, width)`` of the exported input when it is not the model's size:
+        the graph letterboxes it (``export.letterbox``); ``None``: the model's size.
     """
 
     formats: tuple[str, ...]
     batch_size: int | None
     with_nms: bool
     dtype: str
+    input_size: tuple[int, int] | None = None
 
 
 def parse_formats(text: str) -> tuple[str, ...]:
@@ -67,16 +71,33 @@ def parse_batch_size(text: str | int) -> int | None:
     return value
 
 
+def parse_input_size(text: str) -> tuple[int, int] | None:
+    """``""`` -> ``None`` (the model's size); ``"480x640"`` -> ``(480, 640)`` (height x width)."""
+    text = str(text or "").strip()
+    if not text:
+        return None
+    try:
+        height, width = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        height = width = 0
+    if height < 1 or width < 1:
+        raise ValueError(
+            f"config.export.input_size={text!r}: give HEIGHTxWIDTH in pixels, e.g. "
+            "--config.export.input_size=480x640, or '' for the model's image size"
+        )
+    return height, width
+
+
 def parse_options(export_cfg) -> ExportOptions:
     """:class:`ExportOptions` from ``config.export``; raises ``ValueError`` naming the fix."""
     formats = parse_formats(export_cfg.formats)
     batch_size = parse_batch_size(export_cfg.batch_size)
     if export_cfg.dtype not in DTYPES:
         raise ValueError(f"config.export.dtype={export_cfg.dtype!r}: choose one of {DTYPES}")
-    if export_cfg.dtype != "float32":
+    if export_cfg.dtype != "float32" and "tflite" not in formats:
         raise ValueError(
-            f"config.export.dtype={export_cfg.dtype!r}: only float32 is exported; float16 / int8 "
-            "need the LiteRT converter, which this installation does not include (see the README's "
-            "export section)"
+            f"config.export.dtype={export_cfg.dtype!r} applies to LiteRT only (the other formats are "
+            "float32): add tflite, e.g. --config.export.formats=tflite"
         )
-    return ExportOptions(formats, batch_size, bool(export_cfg.with_nms), export_cfg.dtype)
+    return ExportOptions(formats, batch_size, bool(export_cfg.with_nms), export_cfg.dtype,
+                         parse_input_size(export_cfg.input_size))

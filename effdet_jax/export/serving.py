@@ -1,7 +1,8 @@
 """The exported forward: uint8 pixels in, normalisation and the network (and optionally
 post-processing) inside, with the plain XLA graph (``cpu_kernels="off"``).
 
-Input: ``images`` uint8 ``[batch, height, width, 3]`` RGB at the model's ``image_size``.
+Input: ``images`` uint8 ``[batch, height, width, 3]`` RGB at the model's ``image_size``, or at
+another fixed size that the graph letterboxes (``letterbox``, the eval pipeline's rule).
 Outputs (a tuple, named by :func:`output_names`):
 
 * raw: ``cls_L`` ``[batch, H_L, W_L, num_anchors * num_classes]`` logits and ``box_L``
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from effdet_jax.detection import anchors as anchors_lib
 from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
+from effdet_jax.export import letterbox as letterbox_lib
 from effdet_jax.models.efficientdet import EfficientDet
 
 NMS_OUTPUTS = ("boxes", "scores", "classes", "valid")
@@ -52,10 +54,13 @@ def make_serving_fn(
     model: EfficientDet,
     variables: dict[str, Any],
     postprocess_config: PostprocessConfig | None,
+    input_hw: tuple[int, int] | None = None,
 ) -> Callable[[jax.Array], tuple[jax.Array, ...]]:
     """``serve(images) -> outputs`` (see the module docstring) with ``variables`` baked in.
 
-    ``postprocess_config`` ``None`` gives the raw per-level outputs.
+    ``postprocess_config`` ``None`` gives the raw per-level outputs. ``input_hw``: the input's
+    ``(height, width)`` when it differs from the model's size: the graph letterboxes it as the
+    eval pipeline does (``letterbox``) and returns boxes in the input's pixels, clipped to it.
     """
     plain = plain_model(model)
     cfg = plain.config
@@ -64,19 +69,31 @@ def make_serving_fn(
     stddev = jnp.asarray(stddev_rgb, jnp.float32)
     anchor_boxes = jnp.asarray(anchors_lib.generate_anchors(cfg.anchor_config()), jnp.float32)
     size = image_size(plain)
+    geo = None
+    if input_hw is not None and tuple(input_hw) != size:
+        if size[0] != size[1]:
+            raise ValueError(f"letterboxing needs a square model input, not {size}")
+        geo = letterbox_lib.geometry(tuple(input_hw), size[0])
+    in_hw = size if geo is None else geo.input_hw
     variables = {k: variables[k] for k in ("params", "batch_stats") if k in variables}
 
     def serve(images: jax.Array) -> tuple[jax.Array, ...]:
-        if images.dtype != jnp.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (*size, 3):
+        if images.dtype != jnp.uint8 or images.ndim != 4 or tuple(images.shape[1:]) != (*in_hw, 3):
             raise ValueError(
-                f"the exported model takes uint8 [batch, {size[0]}, {size[1]}, 3] images, got "
+                f"the exported model takes uint8 [batch, {in_hw[0]}, {in_hw[1]}, 3] images, got "
                 f"{images.dtype} {tuple(images.shape)}"
             )
         x = (images.astype(jnp.float32) - mean) / stddev
+        if geo is not None:
+            x = letterbox_lib.letterbox(x, geo)
         cls_out, box_out = plain.apply(variables, x, train=False)
         if postprocess_config is None:
             return tuple(cls_out) + tuple(box_out)
-        det = postprocess(cls_out, box_out, anchor_boxes, size, None, postprocess_config)
+        scale = None if geo is None else jnp.full((images.shape[0],), geo.image_scale, jnp.float32)
+        det = postprocess(cls_out, box_out, anchor_boxes, size, scale, postprocess_config)
+        if geo is not None:  # boxes in the input's pixels, inside it
+            limit = jnp.asarray([in_hw[0], in_hw[1], in_hw[0], in_hw[1]], jnp.float32)
+            det["boxes"] = jnp.clip(det["boxes"], 0.0, limit)
         return tuple(det[k] for k in NMS_OUTPUTS)
 
     return serve

@@ -16,6 +16,9 @@ def test_export_keys_parse_from_flags():
     assert options.batch_size is None and options.with_nms is False
     config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.batch_size=4")
     assert parse_options(config.export).batch_size == 4
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.formats=onnx,tflite",
+                    "--config.export.dtype=int8")
+    assert parse_options(config.export).dtype == "int8"  # LiteRT's; the ONNX file stays float32
 
 
 @pytest.mark.parametrize(
@@ -26,7 +29,7 @@ def test_export_keys_parse_from_flags():
         ("batch_size", "0", "dynamic"),
         ("batch_size", "many", "positive integer"),
         ("dtype", "int4", "float16"),
-        ("dtype", "int8", "only float32"),
+        ("dtype", "int8", "formats=tflite"),
     ],
 )
 def test_bad_export_values_fail_naming_key_and_fix(key, value, expected):

@@ -1,0 +1,106 @@
+"""``main.py --mode=export`` to TF SavedModel and LiteRT (float32, float16, int8): onnx2tf in its
+own venv (``make onnx2tf``) converts the ONNX file; each file runs in its own runtime
+(TensorFlow, ``ai_edge_litert``) against the checkpoint's JAX model restored here.
+
+Slow: each conversion takes minutes. Without the venv these tests skip naming ``make onnx2tf``
+(``EFFDET_JAX_REQUIRE_ONNX2TF=1``, set by ``make test-all``, makes that a failure).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from train_helpers import subprocess_env
+
+from configs import tiny
+from effdet_jax.export import check_images, formats, litert, parity, serving
+from effdet_jax.train import trainer
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    try:
+        litert.venv_python()
+    except litert.ConverterMissingError as e:
+        if os.environ.get("EFFDET_JAX_REQUIRE_ONNX2TF") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    workdir = tmp_path_factory.mktemp("litert") / "run"
+    done = _main(f"--workdir={workdir}", "--mode=train", "--config.train.total_steps=2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    config = tiny.get_config()
+    exp, variables = trainer.inference_variables(config, str(workdir))
+    return workdir, exp, jax.device_get(variables)
+
+
+def _main(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "main.py"), "--config=configs/tiny.py", *args],
+        cwd=ROOT, env=subprocess_env(1), capture_output=True, text=True, timeout=1800,
+    )
+
+
+def _raw_reference(exp, variables, images):
+    """Raw outputs of the model as evaluation runs it (CPU kernels), fed normalised here."""
+    mean_rgb, stddev_rgb = exp.model.config.normalization
+    x = (images.astype(np.float32) - np.float32(mean_rgb)) / np.float32(stddev_rgb)
+    cls_out, box_out = jax.jit(lambda v, x: exp.model.apply(v, x, train=False))(variables, x)
+    return [np.asarray(a) for a in (*cls_out, *box_out)]
+
+
+def test_savedmodel_and_float32_litert_match_jax(trained, tmp_path):
+    workdir, exp, variables = trained
+    out = tmp_path / "exported"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                "--config.export.formats=savedmodel,tflite", "--config.export.with_nms=false")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["files"] == {"savedmodel": "saved_model", "tflite": "model.tflite"}
+    names = serving.output_names(exp.model, False)
+    images = check_images(1, 64, 64, seed=5)
+    reference = _raw_reference(exp, variables, images)
+    for fmt in ("savedmodel", "tflite"):
+        assert f"{fmt}: {out}" in run.stdout and manifest["parity"][fmt]["raw_relative"] <= 1e-4
+        got = formats.run(fmt, str(out / manifest["files"][fmt]), images, names)
+        assert parity.raw_relative_error(reference, got) <= 1e-4, fmt
+
+
+def test_with_nms_is_refused_naming_the_fix(trained, tmp_path):
+    workdir, _, _ = trained
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={tmp_path}",
+                "--config.export.formats=stablehlo,tflite")
+    assert run.returncode != 0 and "with_nms=false" in run.stderr and "NMS loop" in run.stderr
+    assert (tmp_path / "model.stablehlo").exists() and not (tmp_path / "model.tflite").exists()
+
+
+@pytest.mark.parametrize("dtype, size_ratio", [("float16", 0.75), ("int8", 0.6)])
+def test_reduced_precision_litert(trained, tmp_path, dtype, size_ratio):
+    """float16 / int8 files: smaller than float32 (weights of 2 / 1 bytes; the tiny model's graph
+    and biases keep the ratio above 1/2 and 1/4), close to JAX (the
+    difference is reported, not bounded by the issue; here it must stay below 20% of the output
+    scale so a broken conversion fails), int8 calibrated on the configured eval images."""
+    workdir, exp, variables = trained
+    paths = {}
+    for d in ("float32", dtype):
+        out = tmp_path / d
+        run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                    "--config.export.formats=tflite", "--config.export.with_nms=false",
+                    f"--config.export.dtype={d}")
+        assert run.returncode == 0, run.stderr[-3000:]
+        manifest = json.loads((out / "export.json").read_text())
+        assert manifest["dtype"] == {"tflite": d}
+        paths[d] = out / "model.tflite"
+    assert paths[dtype].stat().st_size < size_ratio * paths["float32"].stat().st_size
+    images = check_images(1, 64, 64, seed=6)
+    got = formats.run("tflite", str(paths[dtype]), images, serving.output_names(exp.model, False))
+    err = parity.raw_relative_error(_raw_reference(exp, variables, images), got)
+    print(f"{dtype} LiteRT raw_relative {err:.2e}")
+    assert 0 < err < 0.2

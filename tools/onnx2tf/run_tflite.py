@@ -1,0 +1,40 @@
+"""Runs a .tflite file with LiteRT (``ai_edge_litert``) on uint8 images; executed by the onnx2tf
+venv's Python (``effdet_jax/export/litert.py``), so it imports only numpy and ai_edge_litert.
+
+    python run_tflite.py MODEL.tflite IMAGES.npy OUT.npz [--repeats=N]
+
+``IMAGES.npy``: uint8 ``[B, H, W, 3]``. Writes every output of the model's default signature to
+``OUT.npz`` under its name, and ``__latency_ms__`` (one value per repeat, after one warm-up) when
+``--repeats`` is given.
+"""
+
+import argparse
+import time
+
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("model")
+    parser.add_argument("images")
+    parser.add_argument("out")
+    parser.add_argument("--repeats", type=int, default=0)
+    args = parser.parse_args()
+    images = np.load(args.images)
+    runner = Interpreter(model_path=args.model).get_signature_runner()
+    (input_name,) = runner.get_input_details()
+    outputs = runner(**{input_name: images})
+    times = []
+    for _ in range(args.repeats):
+        start = time.perf_counter()
+        runner(**{input_name: images})
+        times.append((time.perf_counter() - start) * 1e3)
+    if times:
+        outputs["__latency_ms__"] = np.asarray(times)
+    np.savez(args.out, **outputs)
+
+
+if __name__ == "__main__":
+    main()
