@@ -9,6 +9,9 @@ Each case runs in its own process pinned to the first ``k`` cores (``os.sched_se
 before TensorFlow starts) with TF's inter/intra-op threads, the dataset's private thread pool
 and ``num_parallel_calls`` set to ``k``: the training pipeline at ``--image_size`` with the COCO
 recipe's augmentation (jitter 0.1-2.0, horizontal flip; ``+ AA v0`` adds AutoAugment v0).
+Each cell is ``images/s (images per CPU-second)``: the second figure divides by the CPU time the
+process used (user + system, all threads), so it is the rate of one fully used core even when
+other jobs share the machine.
 ``COCO-json, PIL`` decodes every file with PIL inside ``tf.numpy_function`` (the route the
 pipeline keeps for files TF cannot decode, and the only one before TF decoding); ``COCO-json,
 TF`` is the default route.
@@ -169,11 +172,13 @@ def run_case(case: str, cores: int, args) -> dict:
     for _ in range(3):  # warm-up: tracing, first prefetches
         next(it)
     load = os.getloadavg()[0]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for _ in range(args.batches):
         next(it)
-    seconds = time.perf_counter() - start
-    return {"case": case, "cores": cores, "images_per_s": args.batches * args.batch_size / seconds,
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    images = args.batches * args.batch_size
+    return {"case": case, "cores": cores, "cores_seen": len(os.sched_getaffinity(0)),
+            "images_per_s": images / seconds, "images_per_cpu_s": images / cpu_seconds,
             "load_before": load, "load_after": os.getloadavg()[0]}
 
 
@@ -221,18 +226,23 @@ def main() -> None:
             if run.returncode != 0 or not lines:
                 sys.exit(f"case {case} on {cores} cores failed:\n{run.stderr[-3000:]}")
             rows.append(json.loads(lines[-1][len("RESULT "):]))
+            if rows[-1]["cores_seen"] != cores:
+                sys.exit(f"case {case}: pinned to {cores} cores, the worker saw "
+                         f"{rows[-1]['cores_seen']}")
             print(f"{CASE_NAMES[case]}, {cores} core(s): {rows[-1]['images_per_s']:.1f} images/s",
                   file=sys.stderr, flush=True)
     print(f"image_size {args.image_size}, batch {args.batch_size}, {args.batches} timed batches, "
           f"{len(sizes)} JPEGs <= {args.source_size} px (mean {sum(sizes) / len(sizes) / 1e3:.0f} "
           f"kB), jitter 0.1-2.0 + flip, load average now {os.getloadavg()[0]:.1f}")
-    header = "| case | " + " | ".join(f"{k} core{'s' * (k > 1)} (img/s)" for k in core_counts)
+    header = "| case | " + " | ".join(f"{k} core{'s' * (k > 1)}: img/s (img/CPU-s)"
+                                     for k in core_counts)
     print(header + " | load avg |\n|---|" + "---|" * (len(core_counts) + 1))
     for case in cases:
         got = {r["cores"]: r for r in rows if r["case"] == case}
         loads = [v for r in got.values() for v in (r["load_before"], r["load_after"])]
         print(f"| {CASE_NAMES[case]} | "
-              + " | ".join(f"{got[k]['images_per_s']:.1f}" for k in core_counts)
+              + " | ".join(f"{got[k]['images_per_s']:.1f} ({got[k]['images_per_cpu_s']:.1f})"
+                           for k in core_counts)
               + f" | {min(loads):.1f}-{max(loads):.1f} |")
 
 
