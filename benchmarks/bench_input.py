@@ -14,7 +14,7 @@ process used (user + system, all threads), so it is the rate of one fully used c
 other jobs share the machine.
 ``COCO-json, PIL`` decodes every file with PIL inside ``tf.numpy_function`` (the route the
 pipeline keeps for files TF cannot decode, and the only one before TF decoding); ``COCO-json,
-TF`` is the default route.
+TF`` is the default route; ``decode only`` rows decode the files and nothing else.
 
     .venv/bin/python benchmarks/bench_input.py --cores 1,2 --batches 30
 """
@@ -29,7 +29,8 @@ import sys
 import tempfile
 import time
 
-CASES = ("coco_pil", "coco_tf", "tfds", "coco_pil_aa", "coco_tf_aa", "tfds_aa")
+CASES = ("coco_pil", "coco_tf", "tfds", "coco_pil_aa", "coco_tf_aa", "tfds_aa",
+         "coco_pil_decode", "coco_tf_decode")
 CASE_NAMES = {
     "coco_pil": "COCO-json JPEG folder, PIL decode (before)",
     "coco_tf": "COCO-json JPEG folder, TF decode",
@@ -37,6 +38,8 @@ CASE_NAMES = {
     "coco_pil_aa": "COCO-json, PIL decode (before) + AA v0",
     "coco_tf_aa": "COCO-json, TF decode + AA v0",
     "tfds_aa": "tfds + AA v0",
+    "coco_pil_decode": "COCO-json, PIL decode only (no augmentation)",
+    "coco_tf_decode": "COCO-json, TF decode only (no augmentation)",
 }
 TFDS_NAME = "bench_coco_like"
 NUM_CLASSES = 4
@@ -163,12 +166,20 @@ def run_case(case: str, cores: int, args) -> dict:
         c.tfds_name = TFDS_NAME
         c.tfds_data_dir = os.path.join(args.workdir, "tfds")
         c.train_split = "train"
-    normalization = get_efficientdet_config("efficientdet-d0").normalization
-    pipeline = make_train_pipeline(c, args.image_size, args.batch_size,
-                                   normalization=normalization)
+    if case.endswith("_decode"):  # the source's decode alone, batched by image count
+        from effdet_jax.data.sources import make_source
+
+        source = make_source(c, "train", 0, 1)
+        dataset = source.records.repeat().map(lambda r: source.decode(r)["image"],
+                                              num_parallel_calls=cores, deterministic=True)
+        dataset = dataset.map(tf.shape).batch(args.batch_size)
+    else:
+        normalization = get_efficientdet_config("efficientdet-d0").normalization
+        dataset = make_train_pipeline(c, args.image_size, args.batch_size,
+                                      normalization=normalization).dataset
     options = tf.data.Options()
     options.threading.private_threadpool_size = cores
-    it = pipeline.dataset.with_options(options).as_numpy_iterator()
+    it = dataset.with_options(options).as_numpy_iterator()
     for _ in range(3):  # warm-up: tracing, first prefetches
         next(it)
     load = os.getloadavg()[0]
