@@ -257,3 +257,41 @@ def test_two_pipelines_give_identical_batches_and_resume(tmp_path):
             np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     ids = np.concatenate([b["image_id"] for b in first])[:n]
     assert sorted(ids) == list(range(1, n + 1))  # one epoch: every file once
+
+
+def _bad_huffman_jpeg() -> bytes:
+    """A JPEG whose header opens and which ends with EOI, but whose Huffman table is broken:
+    routed to TF, which fails on it (as does PIL)."""
+    data = bytearray(_enc(_rgb(), "JPEG"))
+    i = data.index(b"\xff\xc4")
+    data[i + 5:i + 21] = b"\xff" * 16
+    return bytes(data)
+
+
+def test_files_tf_ops_fail_on_are_counted_not_fatal(tmp_path, caplog, pil_calls):
+    """A file TF ops fail on after the scan passed it (corrupt data, or deleted since) goes to
+    PIL, which reports it unreadable as before; with on_bad_data="error" it stops the pipeline
+    naming the file."""
+    d = tmp_path / "images"
+    d.mkdir()
+    files = {"good.jpg": TF_FILES["baseline.jpg"], "bad_huffman.jpg": _bad_huffman_jpeg,
+             "deleted.jpg": TF_FILES["baseline.jpg"]}
+    _write(d, files)
+    images = [{"id": i + 1, "file_name": f, "height": H, "width": W} for i, f in enumerate(files)]
+    anns = [{"id": i + 1, "image_id": i + 1, "category_id": 1, "bbox": [2, 2, 20, 15]}
+            for i in range(len(files))]
+    path = tmp_path / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "a"}]}))
+    c = _config(str(path), str(d))
+    assert _route(str(d / "bad_huffman.jpg"))
+    pipeline = make_eval_pipeline(c, 48, 3, normalization=IMAGENET)
+    (d / "deleted.jpg").unlink()
+    (batch,) = list(pipeline)
+    assert batch["counts"]["images_unreadable"] == 2
+    np.testing.assert_array_equal(batch["image_id"], [1, -1, -1])
+    assert sorted(p.rsplit("/", 1)[1] for p in pil_calls) == ["bad_huffman.jpg", "deleted.jpg"]
+    assert "bad_huffman.jpg" in caplog.text and "deleted.jpg" in caplog.text
+    c.on_bad_data = "error"
+    with pytest.raises(Exception, match=r"cannot decode image .*bad_huffman\.jpg"):
+        list(make_eval_pipeline(c, 48, 3, normalization=IMAGENET))

@@ -5,9 +5,11 @@ The json is parsed once on the host into flat annotation tensors; records are im
 ``tf_decode.decode_rgb_tf``, except for the files the header scan (``report.read_headers``, shared
 with the data report) marks as not TF-decodable (``image_io.tf_decodable``: CMYK JPEG, 16-bit
 PNG, TIFF, truncated files, unreadable files...), which ``tf.cond`` sends to PIL
-(``image_io.decode_rgb``) inside ``tf.numpy_function``. Both give the same pixels; a file is
-counted ``images_converted`` by its PIL mode either way. Category ids are the dataset's own,
-mapped to label indices by the ``LabelMap`` (``label_space``).
+(``image_io.decode_rgb``) inside ``tf.numpy_function``; so does a file TF ops fail on although its
+header looked whole (caught by ``ignore_errors`` on a one-element dataset, never stopping the
+pipeline). Both routes give the same pixels; a file is counted ``images_converted`` by its PIL
+mode either way, and ``images_unreadable`` when PIL cannot decode it either. Category ids are
+the dataset's own, mapped to label indices by the ``LabelMap`` (``label_space``).
 """
 
 from __future__ import annotations
@@ -152,7 +154,7 @@ def _flat(index: CocoJsonIndex) -> dict[str, tf.Tensor]:
 
 def make_decode(index: CocoJsonIndex, strict: bool = False):
     """record (int64 image index) -> example dict (see ``sources/base.py``), TF ops except for
-    files that are not ``index.tf_decodable``.
+    files that are not ``index.tf_decodable`` or that TF ops fail to decode.
 
     A file that cannot be decoded becomes an empty example (counted ``images_unreadable``), or,
     with ``strict`` (``on_bad_data="error"``), stops the pipeline with an error naming it.
@@ -178,9 +180,13 @@ def make_decode(index: CocoJsonIndex, strict: bool = False):
             return np.zeros((1, 1, 3), np.uint8), False, False
         return image, True, converted
 
-    def _tf(record):
-        image = decode_rgb_tf(tf.io.read_file(paths[record]))
-        return image, tf.constant(True), converted_by_header[record]
+    def _try_tf(record):
+        """(image, decoded): a file TF ops fail on (corrupt data the header scan cannot see,
+        a file gone since the scan) gives decoded=False instead of stopping the pipeline."""
+        attempt = tf.data.Dataset.from_tensors(paths[record]).map(
+            lambda path: (decode_rgb_tf(tf.io.read_file(path)), True)).ignore_errors()
+        failed = tf.data.Dataset.from_tensors((tf.zeros([1, 1, 3], tf.uint8), False))
+        return attempt.concatenate(failed).take(1).get_single_element()
 
     def _pil(record):
         image, readable, converted = tf.numpy_function(
@@ -191,8 +197,13 @@ def make_decode(index: CocoJsonIndex, strict: bool = False):
         return image, readable, converted
 
     def decode(record: tf.Tensor) -> dict:
-        image, readable, converted = tf.cond(tf_decodable[record], lambda: _tf(record),
-                                             lambda: _pil(record))
+        image, decoded = tf.cond(tf_decodable[record], lambda: _try_tf(record),
+                                 lambda: (tf.zeros([1, 1, 3], tf.uint8), False))
+        # PIL for the files routed to it and for those TF ops failed on (PIL then decodes,
+        # or reports the file unreadable, or raises with on_bad_data="error", as for any file).
+        image, readable, converted = tf.cond(
+            decoded, lambda: (image, tf.constant(True), converted_by_header[record]),
+            lambda: _pil(record))
         start = flat["row_splits"][record]
         end = tf.where(readable, flat["row_splits"][record + 1], start)  # unreadable: no boxes
         shape = tf.cast(tf.shape(image)[:2], tf.float64)  # the decoded size wins over the json's
