@@ -83,9 +83,9 @@ _PNG_IEND = b"\0\0\0\0IEND\xaeB`\x82"
 
 
 def _complete(path: str, fmt: str) -> bool:
-    """Whether the file's structure is whole, read from its first and last bytes: TF's decoders
-    raise (stopping the pipeline) on a truncated file where ``decode_rgb`` reports it unreadable
-    (or, for a PNG without IEND, decodes it), so such files stay with PIL."""
+    """Whether the file's structure is whole, read from its first and last bytes. TF's decoders
+    raise on a truncated file (``decode_rgb`` reports it unreadable, or, for a PNG without IEND,
+    decodes it); the pipeline would then try TF and PIL in turn, so such files go to PIL at once."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(34)

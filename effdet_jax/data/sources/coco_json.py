@@ -27,6 +27,7 @@ from effdet_jax.data import counts as C
 from effdet_jax.data.box_rules import as_int, parse_bbox
 from effdet_jax.data.image_io import UnreadableImageError, is_converted, read_rgb
 from effdet_jax.data.label_map import LabelMap, from_categories
+from effdet_jax.data.report import read_headers
 from effdet_jax.data.sources import DataUnavailableError, coco_fixes
 from effdet_jax.data.sources.base import Source, shard_range, shard_size
 from effdet_jax.data.tf_decode import DECODES_WEBP, decode_rgb_tf
@@ -84,8 +85,6 @@ class CocoJsonIndex:
         self.is_crowd = [np.asarray([bool(a.get("iscrowd", 0)) for a in anns], bool)
                          for anns in per_image]
         self.annotations_path = annotations_path
-        from effdet_jax.data.report import read_headers
-
         headers = read_headers(self.paths)
         self.tf_decodable = np.asarray(
             [h.tf_decodable and (h.format != "WEBP" or DECODES_WEBP) for h in headers], bool)
