@@ -1,8 +1,10 @@
 """The data report: what a run's data holds, found before the first step.
 
 For a COCO-json source (``config.data.source == "coco_json"``) each split's json is parsed and
-every image file's header is opened (PIL ``Image.open`` without ``load``: size and colour mode,
-no pixel decoding; a thread pool, since the cost is file-system latency). The box rule of
+every image file's header is opened (PIL ``Image.open`` without ``load``: size, format and colour
+mode, no pixel decoding; a thread pool, since the cost is file-system latency) and the file is
+classed as decoded by TF ops or by PIL (``image_io.tf_decodable``; the pipeline reads these
+headers again from a cache). The box rule of
 ``box_rules.sanitize_coco_dataset`` runs on the annotations, with the decoded image sizes, so the
 report counts exactly what training and evaluation fix or drop. Per split the report has:
 
@@ -12,7 +14,10 @@ report counts exactly what training and evaluation fix or drop. Per split the re
   a clean dataset does not have;
 * ``notes``: each non-zero ``NOTE_KEYS`` counter: normal handling (colour conversion, crowd
   boxes left out of training, the ``max_instances_per_image`` cap), reported apart;
-* ``largest_image``: the file with the most pixels, with its size.
+* ``largest_image``: the file with the most pixels, with its size;
+* ``decoded_with_pil``: count and up to 5 examples of the readable files the pipeline decodes with
+  PIL because TF ops cannot decode them to the same pixels (CMYK JPEG, 16-bit PNG, TIFF, a JPEG
+  without its end marker...): slower, Python per example.
 
 A file whose header opens but whose data is cut short is found only when the pipeline decodes
 it; it is then counted as ``data/images_unreadable`` with the training metrics. ``tfds`` and
@@ -50,7 +55,7 @@ from effdet_jax.data.box_rules import (
     as_int,
     sanitize_coco_dataset,
 )
-from effdet_jax.data.image_io import is_converted
+from effdet_jax.data.image_io import is_converted, tf_decodable
 from effdet_jax.data.label_map import from_categories
 
 log = logging.getLogger(__name__)
@@ -85,14 +90,17 @@ class BadDataError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Header:
-    """What a file's header says: ``height``/``width`` in pixels and the PIL ``mode``, or
-    ``error`` (``missing`` when there is no such file)."""
+    """What a file's header says: ``height``/``width`` in pixels, the PIL ``format`` and
+    ``mode`` and whether TF ops decode it (``image_io.tf_decodable``), or ``error``
+    (``missing`` when there is no such file)."""
 
     height: int = 0
     width: int = 0
     mode: str = ""
     error: str | None = None
     missing: bool = False
+    format: str = ""
+    tf_decodable: bool = False
 
 
 def read_header(path: str) -> Header:
@@ -101,16 +109,35 @@ def read_header(path: str) -> Header:
         return Header(error="no such file", missing=True)
     try:
         with Image.open(path) as im:
-            width, height = im.size
-            return Header(height=height, width=width, mode=im.mode)
+            (width, height), mode, fmt = im.size, im.mode, str(im.format)
     except Exception as e:  # PIL raises many types for files that are not images
         return Header(error=f"{type(e).__name__}: {e}")
+    return Header(height=height, width=width, mode=mode, format=fmt,
+                  tf_decodable=tf_decodable(path, fmt, mode))
+
+
+# read_header's results by (path, modification time, size): the report and the pipeline of a
+# run read each header once.
+_HEADER_CACHE: dict[tuple[str, int, int], Header] = {}
+
+
+def _cached_header(path: str) -> Header:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return read_header(path)
+    key = (path, st.st_mtime_ns, st.st_size)
+    header = _HEADER_CACHE.get(key)
+    if header is None:
+        header = _HEADER_CACHE[key] = read_header(path)
+    return header
 
 
 def read_headers(paths: Sequence[str]) -> list[Header]:
-    """``read_header`` of each path, in order (threads: the cost is file-system latency)."""
+    """``read_header`` of each path, in order (threads: the cost is file-system latency); a
+    file read before and unchanged since comes from a cache."""
     with concurrent.futures.ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(read_header, paths))
+        return list(pool.map(_cached_header, paths))
 
 
 @dataclasses.dataclass
@@ -126,6 +153,7 @@ class SplitReport:
     problems: dict[str, dict] = dataclasses.field(default_factory=dict)
     notes: dict[str, dict] = dataclasses.field(default_factory=dict)
     largest_image: dict | None = None
+    decoded_with_pil: dict | None = None
     first_bad_file: str | None = None
     first_bad_annotation: str | None = None
 
@@ -152,6 +180,10 @@ class SplitReport:
         if self.largest_image:
             li = self.largest_image
             lines.append(f"  largest image: {li['file_name']} ({li['height']}x{li['width']})")
+        if self.decoded_with_pil:
+            pil = self.decoded_with_pil
+            lines.append(f"  decoded with PIL (not by TF ops): {pil['count']} files, e.g. "
+                         f"{pil['examples']}")
         return "\n".join(lines)
 
 
@@ -238,6 +270,8 @@ def scan_coco_split(
         sizes[as_int(im.get("id"))] = (h.height, h.width)
         if is_converted(h.mode):
             found["images_converted"].append(name)
+        if not h.tf_decodable:
+            found["decoded_with_pil"].append(f"{name} ({h.format} {h.mode})")
         json_size = _json_size(im)
         if json_size is not None and json_size != (h.height, h.width):
             found["images_size_mismatch"].append(name)
@@ -247,6 +281,9 @@ def scan_coco_split(
         if largest is None or h.height * h.width > largest["height"] * largest["width"]:
             largest = {"file_name": name, "height": h.height, "width": h.width}
     report.largest_image = largest
+    if found["decoded_with_pil"]:
+        report.decoded_with_pil = {"count": len(found["decoded_with_pil"]),
+                                   "examples": found["decoded_with_pil"][:MAX_EXAMPLES]}
     for key in ("images_missing", "images_unreadable", "images_size_mismatch", "images_converted"):
         report.add(key, len(found[key]), found[key])
 
