@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from effdet_jax.models.batch_norm import BatchNorm
 from effdet_jax.models.layers import Conv2D, DepthwiseConv2D
+from effdet_jax.models.layout import stack_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -79,17 +80,19 @@ def summarize(model: nn.Module, image_size: tuple[int, int] | None = None) -> Mo
         if context.method_name != "__call__":
             return out
         path = module.scope.path if module.scope is not None else ()
+        # A scanned body is traced once for all the repeats its stacked module holds.
+        repeats = math.prod(stack_length(str(p)) or 1 for p in path)
         inp = args[0]
         if isinstance(module, DepthwiseConv2D):
             k = module.kernel_size
-            macs[_part(path)] += math.prod(out.shape[1:]) * k * k
+            macs[_part(path)] += repeats * math.prod(out.shape[1:]) * k * k
         elif isinstance(module, Conv2D):
             k = module.kernel_size
-            macs[_part(path)] += math.prod(out.shape[1:]) * k * k * inp.shape[-1]
+            macs[_part(path)] += repeats * math.prod(out.shape[1:]) * k * k * inp.shape[-1]
         elif isinstance(module, BatchNorm):
-            bn_activations += math.prod(out.shape[1:])
+            bn_activations += repeats * math.prod(out.shape[1:])
         elif isinstance(module, nn.Dense):
-            macs[_part(path)] += inp.shape[-1] * out.shape[-1]
+            macs[_part(path)] += repeats * inp.shape[-1] * out.shape[-1]
         return out
 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
