@@ -125,6 +125,9 @@ class BiFPNCell(nn.Module):
 
     @nn.compact
     def __call__(self, feats: dict[int, jax.Array], train: bool = False) -> dict[int, jax.Array]:
+        return self._body(feats, train)
+
+    def _body(self, feats: dict[int, jax.Array], train: bool) -> dict[int, jax.Array]:
         act = activation_fn(self.activation)
         levels = list(range(self.min_level, self.max_level + 1))
         graph = bifpn_nodes(self.min_level, self.max_level)
@@ -165,3 +168,30 @@ class BiFPNCell(nn.Module):
         for node_value, lvl in zip(values, value_levels, strict=True):
             out[lvl] = node_value
         return out
+
+
+class ScannedBiFPNCell(BiFPNCell):
+    """One of the identical cells after the first (inputs already ``features`` wide, so no resample
+    convs) as an ``nn.scan`` body: the level -> features dict is the carry; ``train`` an attribute."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, feats: dict[int, jax.Array], _: None = None) -> tuple[dict[int, jax.Array], None]:
+        return self._body(feats, self.train), None
+
+
+def scanned_cells(cell_kwargs: dict, length: int, train: bool, remat: bool, unroll: int | bool,
+                  name: str):
+    """``feats -> feats`` running ``length`` identical ``BiFPNCell(**cell_kwargs)`` as one
+    ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``."""
+    body = nn.remat(ScannedBiFPNCell, prevent_cse=False) if remat else ScannedBiFPNCell
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=length,
+        unroll=unroll,
+    )
+    module = scan(**cell_kwargs, train=train, name=name)
+    return lambda feats: module(feats, None)[0]

@@ -6,11 +6,13 @@ axis over the repeats. Which blocks are stacked:
 - EfficientNet: in each stage, the blocks after the first (same shapes; only the drop-connect rate
   differs, a scan input). The first block of a stage stays ``block_{i}`` (flat index ``i``); the
   rest are ``blocks_{a}_to_{b}`` (flat indices ``a..b``, inclusive), every leaf ``[b - a + 1, ...]``.
+- EfficientDet: the BiFPN cells after the first (cell 0 holds the resample convs of the backbone's
+  features): ``fpn_cells_1_to_{N-1}`` instead of ``fpn_cell_1`` .. ``fpn_cell_{N-1}``.
 
 The converters' name tables, the summary and the old-checkpoint check speak of the unrolled layout
-(``block_{i}`` for every block); ``to_stacked`` / ``to_unrolled`` map a variable tree
-(``{"params": ..., "batch_stats": ...}``, leaves numpy / jax arrays or ``jax.ShapeDtypeStruct``)
-between the two. A stacked name says how many repeats it holds (``stack_length``).
+(``block_{i}`` for every block, ``fpn_cell_{c}`` for every cell); ``to_stacked`` / ``to_unrolled``
+map a variable tree (``{"params": ..., "batch_stats": ...}``, leaves numpy / jax arrays or
+``jax.ShapeDtypeStruct``) between the two. A stacked name says how many repeats it holds (``stack_length``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from typing import Any
 import jax
 import numpy as np
 
-_STACKED = re.compile(r"^(?:blocks)_(\d+)_to_(\d+)$")
+_STACKED = re.compile(r"^(blocks|fpn_cells)_(\d+)_to_(\d+)$")
+# A stacked module's kind -> the name of one of its repeats in the unrolled layout.
+_UNROLLED = {"blocks": "block_{}", "fpn_cells": "fpn_cell_{}"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,10 +45,15 @@ def stacked_block_name(first: int, last: int) -> str:
     return f"blocks_{first}_to_{last}"
 
 
+def stacked_cell_name(first: int, last: int) -> str:
+    """Name of the scanned module holding BiFPN cells ``first..last`` (inclusive)."""
+    return f"fpn_cells_{first}_to_{last}"
+
+
 def stack_length(name: str) -> int | None:
     """Number of repeats the module ``name`` stacks, or None when it is not a stacked module."""
     match = _STACKED.match(name)
-    return None if match is None else int(match[2]) - int(match[1]) + 1
+    return None if match is None else int(match[3]) - int(match[2]) + 1
 
 
 def is_stacked_path(path: Iterable[str]) -> bool:
@@ -80,9 +89,14 @@ def backbone_groups(efficientnet_config: Any, parent: tuple[str, ...] = ()) -> l
 def model_groups(config: Any) -> list[StackedGroup]:
     """The stacked runs of a model config: an ``EfficientDetConfig`` (backbone under ``backbone``)
     or an ``EfficientNetConfig``."""
-    if hasattr(config, "backbone_config"):
-        return backbone_groups(config.backbone_config(), ("backbone",))
-    return backbone_groups(config)
+    if not hasattr(config, "backbone_config"):
+        return backbone_groups(config)
+    groups = backbone_groups(config.backbone_config(), ("backbone",))
+    if config.fpn_cell_repeats > 1:
+        last = config.fpn_cell_repeats - 1
+        groups.append(StackedGroup((), stacked_cell_name(1, last),
+                                   tuple(f"fpn_cell_{c}" for c in range(1, last + 1))))
+    return groups
 
 
 def _stack(leaves: list[Any]) -> Any:
@@ -192,6 +206,6 @@ def unrolled_prefixes(stacked_paths: Iterable[str]) -> dict[str, str]:
             if match is None:
                 continue
             prefix = "/".join(parts[:k])
-            for i in range(int(match[1]), int(match[2]) + 1):
-                out[f"{prefix}/block_{i}/"] = f"{prefix}/{part}"
+            for i in range(int(match[2]), int(match[3]) + 1):
+                out[f"{prefix}/{_UNROLLED[match[1]].format(i)}/"] = f"{prefix}/{part}"
     return out

@@ -219,8 +219,9 @@ def _check_layout(stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[in
         return
     raise CheckpointMismatchError(
         f"the checkpoint {where} is in the pre-scan parameter layout: it stores each backbone "
-        f"block as its own block_<i>, while this version stacks a stage's repeated blocks into "
-        f"one scanned module ({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''}). Its "
+        "block (block_<i>) and BiFPN cell (fpn_cell_<c>) on its own, while this version stacks "
+        "repeated ones into one scanned module "
+        f"({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''}). Its "
         "weights convert on loading: start a new run (or evaluate) from them with "
         f"--workdir=NEW_DIR --config.init.checkpoint={workdir} (the optimizer state and step "
         "count start fresh)"
