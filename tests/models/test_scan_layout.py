@@ -167,3 +167,30 @@ def test_remat_inside_the_scan_gives_the_same_gradients():
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g0), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_layer_loop_unrolled_runs_the_same_variables_to_the_same_outputs():
+    kwargs = dict(num_classes=3, image_size=64, fpn_num_filters=16, fpn_cell_repeats=3,
+                  box_class_repeats=2, max_level=5,
+                  backbone_overrides={"width_coefficient": 0.25, "depth_coefficient": 0.5})
+    scan = efficientdet("efficientdet-d0", **kwargs)
+    unrolled = efficientdet("efficientdet-d0", layer_loop="unrolled", **kwargs)
+    x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 64, 3)), jnp.float32)
+    variables = jax.jit(lambda: scan.init(jax.random.key(0), x))()
+    groups = model_groups(scan.config)
+    assert [g.stacked for g in groups][-1] == "fpn_cells_1_to_2"
+    assert jax.tree.structure(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), x))) == \
+        jax.tree.structure(variables)
+    texts = {}
+    for name, model in (("scan", scan), ("unrolled", unrolled)):
+        fn = jax.jit(lambda v, m=model: m.apply(v, x, train=True, mutable=["batch_stats"]))
+        texts[name] = fn.lower(variables).as_text()
+        out = fn(variables)
+        if name == "scan":
+            ref = out
+        else:
+            for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
+                np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    # One loop per stacked run with scan, none unrolled.
+    assert texts["scan"].count("stablehlo.while") == len(groups)
+    assert "stablehlo.while" not in texts["unrolled"]
