@@ -53,6 +53,12 @@ class _UnrolledEfficientNet(nn.Module):
         return endpoints
 
 
+def _get(tree, path):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
 def _size(tree) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -83,11 +89,13 @@ def test_mapping_round_trips_and_keeps_counts(name):
     values = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), shapes)
     unrolled_values = to_unrolled(values, groups)
     for g in groups:
-        first = int(g.stacked.split("_")[1])
-        for i, block in enumerate(g.unrolled):
-            assert block == f"block_{first + i}"
-            a = unrolled_values["params"]["backbone"][block]["depthwise_conv"]["kernel"]
-            b = values["params"]["backbone"][g.stacked]["depthwise_conv"]["kernel"][i]
+        first = int(g.stacked.split("_")[-3])
+        kind, leaf = (("block", ("depthwise_conv", "kernel")) if g.parent
+                      else ("fpn_cell", ("node_0_bn", "scale")))
+        for i, module in enumerate(g.unrolled):
+            assert module == f"{kind}_{first + i}"
+            a = _get(unrolled_values["params"], (*g.parent, module, *leaf))
+            b = _get(values["params"], (*g.parent, g.stacked, *leaf))[i]
             np.testing.assert_array_equal(a, b)
     restacked = to_stacked(unrolled_values, groups)
     for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(values), strict=True):
@@ -96,7 +104,8 @@ def test_mapping_round_trips_and_keeps_counts(name):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_scanned_backbone_equals_the_unrolled_network(train):
-    model = efficientnet("efficientnet-b0", features_only=True)
+    # No drop-connect: the scan splits the dropout rng per repeat, the unrolled network per module.
+    model = efficientnet("efficientnet-b0", features_only=True, drop_connect_rate=0.0)
     reference = _UnrolledEfficientNet(model.config)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 64, 64, 3)), jnp.float32)
     variables = jax.jit(lambda: model.init(jax.random.key(0), x, train=False))()
@@ -124,31 +133,52 @@ def test_scanned_backbone_equals_the_unrolled_network(train):
 
 
 def test_each_scanned_block_drops_with_automls_rate(monkeypatch):
-    seen = []
+    """The rate each block is built with: a first block's ``drop_rate``, a scanned run's
+    ``keep_probs`` (scan inputs); automl: ``drop_connect_rate * float(idx) / len(blocks)``."""
+    rates = {}
 
-    def recording(x, rate, variant, rng, keep_prob=None):
-        kp = 1.0 - rate if keep_prob is None else keep_prob
-        jax.debug.callback(lambda v: seen.append(np.float32(v)), jnp.float32(kp), ordered=True)
-        return x
+    def first_block(next_fun, args, kwargs, context):
+        module = context.module
+        if type(module) is MBConvBlock and context.method_name == "__call__":
+            rates[int(module.name.split("_")[1])] = np.float32(1.0 - module.drop_rate)
+        return next_fun(*args, **kwargs)
 
-    monkeypatch.setattr(efficientnet_module, "drop_connect", recording)
+    original = efficientnet_module.scanned_blocks
+
+    def recording(block_kwargs, keep_probs, train, remat, unroll, name):
+        first = int(name.split("_")[1])
+        rates.update({first + j: np.float32(p) for j, p in enumerate(keep_probs)})
+        return original(block_kwargs, keep_probs, train, remat, unroll, name)
+
+    monkeypatch.setattr(efficientnet_module, "scanned_blocks", recording)
     model = efficientnet("efficientnet-b0", features_only=True, drop_connect_rate=0.2)
     x = jnp.zeros((2, 32, 32, 3))
-    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
-    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
-    model.apply(variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(1)})
-    jax.effects_barrier()
-    blocks = model.config.expanded_blocks()
-    residual = [i for i, b in enumerate(blocks) if b["stride"] == 1 and b["filters_in"] == b["filters_out"]]
-    # automl: drop_rate = drop_connect_rate * float(idx) / len(blocks), idx the flat block index.
-    expected = [np.float32(1.0 - 0.2 * i / 16) for i in residual]
-    assert len(blocks) == 16 and residual == [2, 4, 6, 7, 9, 10, 12, 13, 14]
-    assert seen == expected
+    with nn.intercept_methods(first_block):
+        jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
+    assert sorted(rates) == list(range(16))
+    assert [rates[i] for i in range(16)] == [np.float32(1.0 - 0.2 * i / 16) for i in range(16)]
+
+
+@pytest.mark.parametrize("variant", ["sample", "channel", "element"])
+def test_a_traced_keep_probability_drops_exactly_as_the_python_rate(variant):
+    from effdet_jax.models.efficientnet import drop_connect
+    from effdet_jax.models.layers import drop_weights
+
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(8, 4, 4, 16)), jnp.float32)
+    rng, rate = jax.random.key(5), 0.2 * 13 / 16
+    # The same entries dropped; the kept ones rescaled alike (XLA may divide by a constant as a
+    # multiply by its reciprocal: 1 ulp).
+    for fn in (lambda kp=None: drop_connect(x, rate, variant, rng, kp),
+               lambda kp=None: drop_weights(x, rate, rng, kp)):
+        want = jax.jit(fn)()
+        got = jax.jit(fn)(np.float32(1.0 - rate))
+        np.testing.assert_array_equal(got == 0, want == 0)
+        np.testing.assert_allclose(got, want, rtol=2e-7)
 
 
 def test_remat_inside_the_scan_gives_the_same_gradients():
     x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
-    kwargs = dict(features_only=True, width_coefficient=0.25, depth_coefficient=0.5)
+    kwargs = dict(features_only=True, width_coefficient=0.25)
     plain = efficientnet("efficientnet-b0", **kwargs)
     remat = efficientnet("efficientnet-b0", remat=True, **kwargs)
     assert any(stack_length(k) and stack_length(k) > 1 for k in
