@@ -39,10 +39,10 @@ class EfficientDet(nn.Module):
     def _forward(self, images: jax.Array, train: bool):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
-        unroll = True if cfg.layer_loop == "unrolled" else 1
+        unrolled = cfg.layer_loop == "unrolled"
         endpoints = EfficientNet(
             cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat != "none",
-            unroll=unroll, name="backbone",
+            unrolled=unrolled, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
         feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
@@ -71,7 +71,7 @@ class EfficientDet(nn.Module):
         feats = cell_cls(**cell_kwargs, name="fpn_cell_0")(feats, train)
         if cfg.fpn_cell_repeats > 1:
             feats = scanned_cells(
-                cell_kwargs, cfg.fpn_cell_repeats - 1, train, cfg.remat != "none", unroll,
+                cell_kwargs, cfg.fpn_cell_repeats - 1, train, cfg.remat != "none", unrolled,
                 stacked_cell_name(1, cfg.fpn_cell_repeats - 1),
             )(feats)
 

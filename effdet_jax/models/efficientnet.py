@@ -32,7 +32,7 @@ from effdet_jax.models.layers import (
     batch_norm,
     dense_kernel_init,
 )
-from effdet_jax.models.layout import stacked_block_name, stage_runs
+from effdet_jax.models.layout import scan_unroll, stacked_block_name, stage_runs
 from effdet_jax.ops.policy import cpu_kernels
 
 Dtype = Any
@@ -152,11 +152,12 @@ class ScannedMBConvBlock(MBConvBlock):
 
 
 def scanned_blocks(
-    block_kwargs: dict, keep_probs: np.ndarray, train: bool, remat: bool, unroll: int | bool,
+    block_kwargs: dict, keep_probs: np.ndarray, train: bool, remat: bool, unrolled: bool,
     name: str,
 ):
     """``x -> x`` running ``len(keep_probs)`` identical ``MBConvBlock(**block_kwargs)`` as one
-    ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``."""
+    ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
+    no loop after tracing (``scan_unroll``)."""
     body = nn.remat(ScannedMBConvBlock, prevent_cse=False) if remat else ScannedMBConvBlock
     scan = nn.scan(
         body,
@@ -164,7 +165,7 @@ def scanned_blocks(
         split_rngs={"params": True, "dropout": True},
         in_axes=0,
         length=len(keep_probs),
-        unroll=unroll,
+        unroll=scan_unroll(len(keep_probs), unrolled),
     )
     module = scan(**block_kwargs, train=train, name=name)
     return lambda x: module(x, jnp.asarray(keep_probs, jnp.float32))[0]
@@ -184,8 +185,8 @@ class EfficientNet(nn.Module):
         process default (``$EFFDET_JAX_CPU_KERNELS`` or ``auto``).
       axis_name: BN cross-device axis, only for ``shard_map``/``pmap`` code.
       remat: rematerialise each block in the backward pass (saves memory).
-      unroll: ``unroll`` of the scans over each stage's repeated blocks (``True``: fully unrolled
-        after tracing, still over the stacked variables).
+      unrolled: unroll the scans over each stage's repeated blocks after tracing (no loop; still
+        over the stacked variables).
     """
 
     config: EfficientNetConfig
@@ -195,7 +196,7 @@ class EfficientNet(nn.Module):
     cpu_kernels: str | None = None
     axis_name: str | None = None
     remat: bool = False
-    unroll: int | bool = 1
+    unrolled: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
@@ -243,7 +244,7 @@ class EfficientNet(nn.Module):
                 keep_probs = np.asarray([1.0 - r for r in rates[1:]], np.float32)
                 x = scanned_blocks(
                     block_kwargs(first + 1, max(rates[1:])), keep_probs, train, self.remat,
-                    self.unroll, stacked_block_name(first + 1, last),
+                    self.unrolled, stacked_block_name(first + 1, last),
                 )(x)
         endpoints[stride] = x
         if self.features_only:
@@ -273,7 +274,7 @@ def efficientnet(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     ``axis_name``, ``remat``) or any ``EfficientNetConfig`` field (e.g. ``drop_connect_rate=0.3``,
     ``drop_connect_variant="channel"``).
     """
-    module_fields = {"features_only", "dtype", "cpu_kernels", "axis_name", "remat", "unroll"}
+    module_fields = {"features_only", "dtype", "cpu_kernels", "axis_name", "remat", "unrolled"}
     module_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in module_fields}
     config = get_efficientnet_config(name, **overrides)
     return EfficientNet(config=config, num_classes=num_classes, **module_kwargs)

@@ -50,6 +50,12 @@ def stacked_cell_name(first: int, last: int) -> str:
     return f"fpn_cells_{first}_to_{last}"
 
 
+def scan_unroll(length: int, unrolled: bool) -> int:
+    """``lax.scan``'s ``unroll`` for a run of ``length``: 1 (a loop), or with ``unrolled`` one
+    that leaves no loop (``unroll=1`` is a loop even for a single repeat, so at least 2)."""
+    return max(length, 2) if unrolled else 1
+
+
 def stack_length(name: str) -> int | None:
     """Number of repeats the module ``name`` stacks, or None when it is not a stacked module."""
     match = _STACKED.match(name)

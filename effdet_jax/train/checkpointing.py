@@ -217,6 +217,7 @@ def _check_layout(stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[in
                    for prefix, stacked in prefixes.items() if name.startswith(prefix)})
     if not hits:
         return
+    hits = sorted({h.split("/", 1)[1] for h in hits if h.startswith("params/")}) or hits
     raise CheckpointMismatchError(
         f"the checkpoint {where} is in the pre-scan parameter layout: it stores each backbone "
         "block (block_<i>) and BiFPN cell (fpn_cell_<c>) on its own, while this version stacks "

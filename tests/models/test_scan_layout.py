@@ -145,10 +145,10 @@ def test_each_scanned_block_drops_with_automls_rate(monkeypatch):
 
     original = efficientnet_module.scanned_blocks
 
-    def recording(block_kwargs, keep_probs, train, remat, unroll, name):
+    def recording(block_kwargs, keep_probs, train, remat, unrolled, name):
         first = int(name.split("_")[1])
         rates.update({first + j: np.float32(p) for j, p in enumerate(keep_probs)})
-        return original(block_kwargs, keep_probs, train, remat, unroll, name)
+        return original(block_kwargs, keep_probs, train, remat, unrolled, name)
 
     monkeypatch.setattr(efficientnet_module, "scanned_blocks", recording)
     model = efficientnet("efficientnet-b0", features_only=True, drop_connect_rate=0.2)
