@@ -8,6 +8,7 @@ up), fuses them by a weighted sum, then applies activation -> separable 3x3 conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -183,7 +184,7 @@ class ScannedBiFPNCell(BiFPNCell):
 
 
 def scanned_cells(cell_kwargs: dict, length: int, train: bool, remat: bool, unrolled: bool,
-                  name: str):
+                  name: str) -> Callable[[dict[int, jax.Array]], dict[int, jax.Array]]:
     """``feats -> feats`` running ``length`` identical ``BiFPNCell(**cell_kwargs)`` as one
     ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
     no loop after tracing (``layout.scan_unroll``)."""

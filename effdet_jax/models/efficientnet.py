@@ -17,6 +17,7 @@ is 1), ``depthwise_conv``/``depthwise_bn``, ``se_reduce``/``se_expand`` (with bi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -154,7 +155,7 @@ class ScannedMBConvBlock(MBConvBlock):
 def scanned_blocks(
     block_kwargs: dict, keep_probs: np.ndarray, train: bool, remat: bool, unrolled: bool,
     name: str,
-):
+) -> Callable[[jax.Array], jax.Array]:
     """``x -> x`` running ``len(keep_probs)`` identical ``MBConvBlock(**block_kwargs)`` as one
     ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
     no loop after tracing (``scan_unroll``)."""

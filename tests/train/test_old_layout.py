@@ -51,7 +51,7 @@ def _write_old_workdir(workdir):
     groups = model_groups(exp.model.config)
     assert groups, "the test model must have stacked blocks"
     old = _unrolled_tree(serialization.to_state_dict(state), groups)
-    assert "block_2" in old["params"]["backbone"] and "block_2" in old["ema_params"]["backbone"]
+    assert "block_4" in old["params"]["backbone"] and "block_4" in old["ema_params"]["backbone"]
     run_config.check_and_save(config, str(workdir))
     manager = checkpointing.make_manager(
         str(workdir / "checkpoints"), checkpointing.CheckpointOptions(every_steps=1, keep=1, keep_best=0))
@@ -73,9 +73,10 @@ def test_old_layout_workdir_fails_before_compiling_and_its_weights_convert(tmp_p
     assert proc.returncode != 0
     assert "Traceback" not in out, out[-3000:]
     assert "is in the pre-scan parameter layout" in out, out[-3000:]
-    assert "backbone/blocks_2_to_2" in out
+    assert "backbone/blocks_4_to_4" in out
     assert f"--config.init.checkpoint={old_workdir}" in out
-    assert "Compiling" not in out and seconds < 90, seconds
+    # Before any compile: ~10 s of imports on an idle 2-core CPU; the bar allows a loaded machine.
+    assert "Compiling" not in out and seconds < 300, seconds
 
     # The way out the message names: its weights, stacked, are exactly the old run's EMA weights.
     config.init.checkpoint = str(old_workdir)
