@@ -47,6 +47,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     # What the backward pass recomputes to save memory: none | blocks (model_config.REMAT_POLICIES).
     config.model.remat = "none"
+    # Repeated blocks: scan (each body compiled once) | unrolled (model_config.LAYER_LOOPS).
+    config.model.layer_loop = "scan"
     # Any other field of the model table, e.g. {"fpn_num_filters": 16}; unknown names fail early.
     config.model.overrides = ml_collections.ConfigDict()
 

@@ -22,6 +22,7 @@ from flax import linen as nn
 
 from effdet_jax.models.batch_norm import BatchNorm
 from effdet_jax.models.layers import Conv2D, DepthwiseConv2D
+from effdet_jax.models.layout import is_stacked_path, stack_length
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,31 +71,43 @@ def summarize(model: nn.Module, image_size: tuple[int, int] | None = None) -> Mo
         image_size = getattr(cfg, "image_size", None) or (cfg.resolution, cfg.resolution)
     x = jnp.zeros((1, *image_size, 3), jnp.float32)
     macs: dict[str, int] = defaultdict(int)
-    bn_activations = 0
+    bn_counts: dict[str, int] = defaultdict(int)
+    scanned: dict[tuple[tuple[str, ...], int], tuple[dict, str, int]] = {}
+
+    def add(counts: dict, path: tuple, value: int, repeats: int) -> None:
+        if is_stacked_path(path):
+            scanned[(path, id(counts))] = (counts, _part(path), value * repeats)
+        else:
+            counts[_part(path)] += value
 
     def count(next_fun, args, kwargs, context):
-        nonlocal bn_activations
         out = next_fun(*args, **kwargs)
         module = context.module
         if context.method_name != "__call__":
             return out
-        path = module.scope.path if module.scope is not None else ()
+        path = tuple(module.scope.path) if module.scope is not None else ()
+        # A scanned body stands for all the repeats its stacked module holds, and flax may trace
+        # it more than once: inside one, each module (called once per body) counts once per repeat.
+        repeats = math.prod(stack_length(str(p)) or 1 for p in path)
         inp = args[0]
         if isinstance(module, DepthwiseConv2D):
             k = module.kernel_size
-            macs[_part(path)] += math.prod(out.shape[1:]) * k * k
+            add(macs, path, math.prod(out.shape[1:]) * k * k, repeats)
         elif isinstance(module, Conv2D):
             k = module.kernel_size
-            macs[_part(path)] += math.prod(out.shape[1:]) * k * k * inp.shape[-1]
+            add(macs, path, math.prod(out.shape[1:]) * k * k * inp.shape[-1], repeats)
         elif isinstance(module, BatchNorm):
-            bn_activations += math.prod(out.shape[1:])
+            add(bn_counts, path, math.prod(out.shape[1:]), repeats)
         elif isinstance(module, nn.Dense):
-            macs[_part(path)] += inp.shape[-1] * out.shape[-1]
+            add(macs, path, inp.shape[-1] * out.shape[-1], repeats)
         return out
 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))
     with nn.intercept_methods(count):
         jax.eval_shape(lambda v: model.apply(v, x, train=False), variables)
+    for counts, part, value in scanned.values():
+        counts[part] += value
+    bn_activations = sum(bn_counts.values())
     params_by_part: dict[str, int] = defaultdict(int)
     for path, leaf in jax.tree_util.tree_flatten_with_path(variables["params"])[0]:
         params_by_part[_part((path[0].key,))] += math.prod(leaf.shape)

@@ -20,6 +20,7 @@ from flax import traverse_util
 from effdet_jax.convert.common import fill_variables
 from effdet_jax.models.bifpn import bifpn_nodes
 from effdet_jax.models.efficientdet import EfficientDet, efficientdet
+from effdet_jax.models.layout import model_groups, to_stacked, to_unrolled
 
 EMA_SUFFIX = "/ExponentialMovingAverage"
 TF2_SUFFIX = "/.ATTRIBUTES/VARIABLE_VALUE"
@@ -32,8 +33,9 @@ def _depthwise(x: np.ndarray) -> np.ndarray:
 
 
 def automl_name_table(model: EfficientDet) -> dict[tuple[str, ...], tuple[str, str, str]]:
-    """Target path -> (TF1 name, TF2 key without suffix, layout) for every variable ``model`` may
-    have (optional resample convs included; callers keep the ones the model has).
+    """Target path (unrolled layout, ``effdet_jax.models.layout``) -> (TF1 name, TF2 key without
+    suffix, layout) for every variable ``model`` may have (optional resample convs included;
+    callers keep the ones the model has).
 
     layout is ``plain``, ``depthwise`` (transpose) or ``stack:<i>`` (one fusion weight of a node).
     """
@@ -130,14 +132,16 @@ def convert_automl_arrays(
     """Map automl-named arrays (TF1 names, or TF2 keys without the attribute suffix) onto ``model``.
 
     Fusion weights (``WSM``, ``WSM_1``, ...) are stacked into one ``[inputs]`` (or
-    ``[inputs, channels]``) array per node. Fails listing unmapped and missing names.
+    ``[inputs, channels]``) array per node. Fails listing unmapped and missing names. Returns the
+    model's (stacked) layout.
     """
     col = 0 if style == "tf1" else 1
-    shapes = jax.eval_shape(
+    groups = model_groups(model.config)
+    shapes = to_unrolled(jax.eval_shape(
         lambda: model.init(
             jax.random.key(0), jnp.zeros((1, *model.config.image_size, 3)), train=False
         )
-    )
+    ), groups)
     present = set(traverse_util.flatten_dict(dict(shapes)))
     assignments: dict = {}
     stacks: dict[tuple[str, ...], dict[int, tuple[str, np.ndarray | None]]] = {}
@@ -162,7 +166,9 @@ def convert_automl_arrays(
             continue
         assignments[path] = (names[0], np.stack([np.asarray(v, np.float32) for v in values]))
         consumed.update(names[1:])  # the other WSM names went into the same stacked array
-    return fill_variables(shapes, assignments, arrays.keys(), set(ignored) | consumed)
+    return to_stacked(
+        fill_variables(shapes, assignments, arrays.keys(), set(ignored) | consumed), groups
+    )
 
 
 def tf1_arrays(names, get, use_ema: bool = True) -> tuple[dict[str, np.ndarray], set[str]]:

@@ -18,10 +18,12 @@ from effdet_jax.convert.common import fill_variables, torch_bn_assignments, torc
 from effdet_jax.convert.timm import efficientnet_assignments
 from effdet_jax.models.bifpn import bifpn_nodes
 from effdet_jax.models.efficientdet import EfficientDet, efficientdet
+from effdet_jax.models.layout import model_groups, to_stacked, to_unrolled
 
 
 def effdet_assignments(model: EfficientDet, sd: Mapping[str, np.ndarray]) -> dict:
-    """Target path -> (effdet name, array or None) for every variable ``model`` may have."""
+    """Target path (unrolled layout, ``effdet_jax.models.layout``) -> (effdet name, array or
+    None) for every variable ``model`` may have."""
     cfg = model.config
     a = efficientnet_assignments(
         cfg.backbone_config(), sd, prefix="backbone.",
@@ -86,10 +88,11 @@ def load_effdet_state_dict(
     name = name.replace("tf_efficientdet_", "efficientdet-")
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     model = efficientdet(name, num_classes=num_classes, **overrides)
-    shapes = jax.eval_shape(
+    groups = model_groups(model.config)
+    shapes = to_unrolled(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, *model.config.image_size, 3)))
-    )
+    ), groups)
     present = set(traverse_util.flatten_dict(dict(shapes)))
     assignments = {p: v for p, v in effdet_assignments(model, sd).items() if p in present}
     ignored = {k for k in sd if k.endswith("num_batches_tracked")}
-    return fill_variables(shapes, assignments, sd.keys(), ignored)
+    return to_stacked(fill_variables(shapes, assignments, sd.keys(), ignored), groups)

@@ -15,6 +15,7 @@ import numpy as np
 from effdet_jax.convert.common import fill_variables, torch_bn_assignments, torch_conv_to_hwio
 from effdet_jax.models.efficientnet import efficientnet
 from effdet_jax.models.efficientnet_config import EfficientNetConfig
+from effdet_jax.models.layout import model_groups, to_stacked, to_unrolled
 
 
 def efficientnet_assignments(
@@ -24,7 +25,8 @@ def efficientnet_assignments(
     target_prefix: tuple[str, ...] = (),
     features_only: bool = False,
 ) -> dict:
-    """Target path -> (timm name, array) for an EfficientNet; ``prefix`` is the timm module prefix
+    """Target path (unrolled layout, ``effdet_jax.models.layout``) -> (timm name, array) for an
+    EfficientNet; ``prefix`` is the timm module prefix
     (``backbone.`` inside effdet), ``target_prefix`` the flax module path of the network."""
 
     def conv(target: tuple[str, ...], name: str) -> dict:
@@ -89,9 +91,10 @@ def load_timm_efficientnet(
     name = name.replace("tf_efficientnet_", "efficientnet-")
     sd = {k: np.asarray(v) for k, v in state_dict.items()}
     model = efficientnet(name, num_classes=num_classes)
-    shapes = jax.eval_shape(
+    groups = model_groups(model.config)
+    shapes = to_unrolled(jax.eval_shape(
         lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
-    )
+    ), groups)
     assignments = efficientnet_assignments(model.config, sd)
     ignored = {k for k in sd if k.endswith("num_batches_tracked")}
-    return fill_variables(shapes, assignments, sd.keys(), ignored)
+    return to_stacked(fill_variables(shapes, assignments, sd.keys(), ignored), groups)

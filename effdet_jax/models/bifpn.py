@@ -8,6 +8,7 @@ up), fuses them by a weighted sum, then applies activation -> separable 3x3 conv
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from effdet_jax.models.layers import (
     activation_fn,
     batch_norm,
 )
+from effdet_jax.models.layout import scan_unroll
 from effdet_jax.ops.pool import max_pool_same
 from effdet_jax.ops.resize import resize_nearest_legacy
 
@@ -125,6 +127,9 @@ class BiFPNCell(nn.Module):
 
     @nn.compact
     def __call__(self, feats: dict[int, jax.Array], train: bool = False) -> dict[int, jax.Array]:
+        return self._body(feats, train)
+
+    def _body(self, feats: dict[int, jax.Array], train: bool) -> dict[int, jax.Array]:
         act = activation_fn(self.activation)
         levels = list(range(self.min_level, self.max_level + 1))
         graph = bifpn_nodes(self.min_level, self.max_level)
@@ -165,3 +170,31 @@ class BiFPNCell(nn.Module):
         for node_value, lvl in zip(values, value_levels, strict=True):
             out[lvl] = node_value
         return out
+
+
+class ScannedBiFPNCell(BiFPNCell):
+    """One of the identical cells after the first (inputs already ``features`` wide, so no resample
+    convs) as an ``nn.scan`` body: the level -> features dict is the carry; ``train`` an attribute."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, feats: dict[int, jax.Array], _: None = None) -> tuple[dict[int, jax.Array], None]:
+        return self._body(feats, self.train), None
+
+
+def scanned_cells(cell_kwargs: dict, length: int, train: bool, remat: bool, unrolled: bool,
+                  name: str) -> Callable[[dict[int, jax.Array]], dict[int, jax.Array]]:
+    """``feats -> feats`` running ``length`` identical ``BiFPNCell(**cell_kwargs)`` as one
+    ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
+    no loop after tracing (``layout.scan_unroll``)."""
+    body = nn.remat(ScannedBiFPNCell, prevent_cse=False) if remat else ScannedBiFPNCell
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        length=length,
+        unroll=scan_unroll(length, unrolled),
+    )
+    module = scan(**cell_kwargs, train=train, name=name)
+    return lambda feats: module(feats, None)[0]

@@ -7,7 +7,9 @@ raw box deltas (ty, tx, th, tw), anchor-major. Targets, losses and post-processi
 in ``effdet_jax.detection``.
 
 Parameter tree: ``backbone`` (EfficientNet features), ``resample_p{L}`` for levels the backbone lacks,
-``fpn_cell_{c}`` (BiFPN cells), ``class_net`` and ``box_net``.
+``fpn_cell_0`` (the first BiFPN cell, with the resample convs), ``fpn_cells_1_to_{N-1}`` (the other
+cells, identical, as one ``nn.scan``: every leaf stacked ``[N - 1, ...]``, ``models/layout.py``),
+``class_net`` and ``box_net``.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature
+from effdet_jax.models.bifpn import BiFPNCell, ResampleFeature, scanned_cells
 from effdet_jax.models.efficientnet import EfficientNet
 from effdet_jax.models.heads import CLASS_PRIOR, PredictionHead
+from effdet_jax.models.layout import stacked_cell_name
 from effdet_jax.models.model_config import EfficientDetConfig, get_efficientdet_config
 from effdet_jax.ops.policy import cpu_kernels
 
@@ -36,9 +39,10 @@ class EfficientDet(nn.Module):
     def _forward(self, images: jax.Array, train: bool):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
+        unrolled = cfg.layer_loop == "unrolled"
         endpoints = EfficientNet(
             cfg.backbone_config(), features_only=True, dtype=dtype, remat=cfg.remat != "none",
-            name="backbone",
+            unrolled=unrolled, name="backbone",
         )(images, train)
         sizes = cfg.feature_sizes()
         feats = {lvl: endpoints[2**lvl] for lvl in range(cfg.min_level, min(cfg.max_level, 5) + 1)}
@@ -54,18 +58,22 @@ class EfficientDet(nn.Module):
                 )
 
         cell_cls = nn.remat(BiFPNCell, static_argnums=(2,)) if cfg.remat != "none" else BiFPNCell
-        for c in range(cfg.fpn_cell_repeats):
-            feats = cell_cls(
-                min_level=cfg.min_level,
-                max_level=cfg.max_level,
-                features=cfg.fpn_num_filters,
-                feature_sizes=sizes,
-                weight_method=cfg.fpn_weight_method,
-                activation=cfg.activation,
-                separable_conv=cfg.separable_conv,
-                dtype=dtype,
-                name=f"fpn_cell_{c}",
-            )(feats, train)
+        cell_kwargs = dict(
+            min_level=cfg.min_level,
+            max_level=cfg.max_level,
+            features=cfg.fpn_num_filters,
+            feature_sizes=sizes,
+            weight_method=cfg.fpn_weight_method,
+            activation=cfg.activation,
+            separable_conv=cfg.separable_conv,
+            dtype=dtype,
+        )
+        feats = cell_cls(**cell_kwargs, name="fpn_cell_0")(feats, train)
+        if cfg.fpn_cell_repeats > 1:
+            feats = scanned_cells(
+                cell_kwargs, cfg.fpn_cell_repeats - 1, train, cfg.remat != "none", unrolled,
+                stacked_cell_name(1, cfg.fpn_cell_repeats - 1),
+            )(feats)
 
         head = lambda outputs, prior, name: PredictionHead(  # noqa: E731
             num_outputs=outputs,

@@ -5,19 +5,24 @@ Input: ``[batch, height, width, 3]`` float, already normalised. Output: classifi
 ``{2: ..., 4: ..., 8: ..., 16: ..., 32: ...}`` keyed by stride, each ``[batch, h, w, c]`` (the official
 ``reduction_i`` endpoints: the last block output before each stride change).
 
-Parameter tree (names say what a thing is): ``stem_conv``, ``stem_bn``, ``block_{i}`` (flat index) with
-``expand_conv``/``expand_bn`` (absent when expand ratio is 1), ``depthwise_conv``/``depthwise_bn``,
-``se_reduce``/``se_expand`` (with bias), ``project_conv``/``project_bn``; then ``head_conv``/``head_bn``
-and ``classifier`` (not built with ``features_only``).
+Parameter tree (names say what a thing is): ``stem_conv``, ``stem_bn``; per stage its first block
+``block_{i}`` (flat index) and, when the stage has more, ``blocks_{a}_to_{b}``: the stage's other
+blocks ``a..b`` run as one ``nn.scan``, every leaf stacked ``[b - a + 1, ...]``
+(``effdet_jax.models.layout``). A block has ``expand_conv``/``expand_bn`` (absent when expand ratio
+is 1), ``depthwise_conv``/``depthwise_bn``, ``se_reduce``/``se_expand`` (with bias),
+``project_conv``/``project_bn``; then ``head_conv``/``head_bn`` and ``classifier`` (not built with
+``features_only``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import linen as nn
 
 from effdet_jax.models.efficientnet_config import EfficientNetConfig, get_efficientnet_config
@@ -28,30 +33,42 @@ from effdet_jax.models.layers import (
     batch_norm,
     dense_kernel_init,
 )
+from effdet_jax.models.layout import scan_unroll, stacked_block_name, stage_runs
 from effdet_jax.ops.policy import cpu_kernels
 
 Dtype = Any
 
 
 def drop_connect(
-    x: jax.Array, rate: float, variant: str, rng: jax.Array
+    x: jax.Array, rate: float, variant: str, rng: jax.Array, keep_prob: jax.Array | None = None
 ) -> jax.Array:
     """Drop the residual branch ``x`` ``[N, H, W, C]`` and rescale by 1/(1-rate) so that the
     expected value is unchanged.
 
     ``sample`` draws one keep decision per example (noise shape ``(N,1,1,1)``, the official),
     ``channel`` one per example and channel ``(N,1,1,C)``, ``element`` one per activation.
+    ``keep_prob``: a traced ``1 - rate`` (float32 scalar, a scan input) used instead of ``rate``.
     """
-    if rate == 0.0 or variant in ("none", "weight"):
+    if variant in ("none", "weight") or (keep_prob is None and rate == 0.0):
         return x
+    if keep_prob is None:
+        keep_prob = 1.0 - rate
     n, _, _, c = x.shape
     shape = {
         "sample": (n, 1, 1, 1),
         "channel": (n, 1, 1, c),
         "element": x.shape,
     }[variant]
-    keep = jax.random.bernoulli(rng, 1.0 - rate, shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    keep = jax.random.bernoulli(rng, keep_prob, shape)
+    # A Python rate enters the division weakly typed, i.e. in x's dtype: so does a traced one.
+    scale = keep_prob if isinstance(keep_prob, float) else jnp.asarray(keep_prob).astype(x.dtype)
+    return jnp.where(keep, x / scale, jnp.zeros_like(x))
+
+
+def block_drop_rate(config: EfficientNetConfig, i: int) -> float:
+    """Drop-connect rate of flat block ``i`` of N: ``drop_connect_rate * i / N`` (automl's linear
+    schedule over the flat block index)."""
+    return config.drop_connect_rate * i / len(config.expanded_blocks())
 
 
 class SqueezeExcite(nn.Module):
@@ -89,6 +106,11 @@ class MBConvBlock(nn.Module):
 
     @nn.compact
     def __call__(self, inputs: jax.Array, train: bool = False) -> jax.Array:
+        return self._body(inputs, train, None)
+
+    def _body(self, inputs: jax.Array, train: bool, keep_prob: jax.Array | None) -> jax.Array:
+        """The block; ``keep_prob`` (a traced ``1 - drop rate``, scan input) replaces
+        ``drop_rate``'s value, while ``drop_rate > 0`` still decides whether anything is dropped."""
         act = activation_fn(self.activation)
         bn = lambda name, activation=None: batch_norm(  # noqa: E731
             train, name, self.dtype, self.axis_name, activation
@@ -107,13 +129,47 @@ class MBConvBlock(nn.Module):
         weight_rate = self.drop_rate if self.drop_variant == "weight" else 0.0
         x = Conv2D(
             self.filters_out, dtype=self.dtype, weight_drop_rate=weight_rate, name="project_conv"
-        )(x, train=train)
+        )(x, train=train, keep_prob=keep_prob)
         x = bn("project_bn")(x)
         if self.stride == 1 and self.filters_in == self.filters_out:
             if train and self.drop_rate > 0.0:
-                x = drop_connect(x, self.drop_rate, self.drop_variant, self.make_rng("dropout"))
+                x = drop_connect(x, self.drop_rate, self.drop_variant, self.make_rng("dropout"),
+                                 keep_prob)
             x = x + inputs
         return x
+
+
+class ScannedMBConvBlock(MBConvBlock):
+    """One repeat of a stage's identical blocks as an ``nn.scan`` body: carry ``[N, H, W, C]`` in
+    and out, the block's keep probability ``1 - drop rate`` (float32 scalar) as the scan input.
+    ``drop_rate`` is the largest rate of the run (0: nothing is dropped, statically) and ``train``
+    an attribute, so the body traces once."""
+
+    train: bool = False
+
+    @nn.compact
+    def __call__(self, inputs: jax.Array, keep_prob: jax.Array) -> tuple[jax.Array, None]:
+        return self._body(inputs, self.train, keep_prob), None
+
+
+def scanned_blocks(
+    block_kwargs: dict, keep_probs: np.ndarray, train: bool, remat: bool, unrolled: bool,
+    name: str,
+) -> Callable[[jax.Array], jax.Array]:
+    """``x -> x`` running ``len(keep_probs)`` identical ``MBConvBlock(**block_kwargs)`` as one
+    ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
+    no loop after tracing (``scan_unroll``)."""
+    body = nn.remat(ScannedMBConvBlock, prevent_cse=False) if remat else ScannedMBConvBlock
+    scan = nn.scan(
+        body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=0,
+        length=len(keep_probs),
+        unroll=scan_unroll(len(keep_probs), unrolled),
+    )
+    module = scan(**block_kwargs, train=train, name=name)
+    return lambda x: module(x, jnp.asarray(keep_probs, jnp.float32))[0]
 
 
 class EfficientNet(nn.Module):
@@ -130,6 +186,8 @@ class EfficientNet(nn.Module):
         process default (``$EFFDET_JAX_CPU_KERNELS`` or ``auto``).
       axis_name: BN cross-device axis, only for ``shard_map``/``pmap`` code.
       remat: rematerialise each block in the backward pass (saves memory).
+      unrolled: unroll the scans over each stage's repeated blocks after tracing (no loop; still
+        over the stacked variables).
     """
 
     config: EfficientNetConfig
@@ -139,6 +197,7 @@ class EfficientNet(nn.Module):
     cpu_kernels: str | None = None
     axis_name: str | None = None
     remat: bool = False
+    unrolled: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False):
@@ -159,11 +218,10 @@ class EfficientNet(nn.Module):
         block_cls = nn.remat(MBConvBlock, static_argnums=(2,)) if self.remat else MBConvBlock
         endpoints = {}
         stride = 2
-        for i, args in enumerate(blocks):
-            if args["stride"] > 1:
-                endpoints[stride] = x
-                stride *= args["stride"]
-            x = block_cls(
+
+        def block_kwargs(i: int, drop_rate: float) -> dict:
+            args = blocks[i]
+            return dict(
                 kernel=args["kernel"],
                 stride=args["stride"],
                 expand_ratio=args["expand_ratio"],
@@ -171,12 +229,24 @@ class EfficientNet(nn.Module):
                 filters_out=args["filters_out"],
                 se_ratio=args["se_ratio"],
                 activation=cfg.activation,
-                drop_rate=cfg.drop_connect_rate * i / len(blocks),
+                drop_rate=drop_rate,
                 drop_variant=cfg.drop_connect_variant,
                 dtype=self.dtype,
                 axis_name=self.axis_name,
-                name=f"block_{i}",
-            )(x, train)
+            )
+
+        for first, last, _ in stage_runs(blocks):
+            if blocks[first]["stride"] > 1:
+                endpoints[stride] = x
+                stride *= blocks[first]["stride"]
+            rates = [block_drop_rate(cfg, i) for i in range(first, last + 1)]
+            x = block_cls(**block_kwargs(first, rates[0]), name=f"block_{first}")(x, train)
+            if last > first:
+                keep_probs = np.asarray([1.0 - r for r in rates[1:]], np.float32)
+                x = scanned_blocks(
+                    block_kwargs(first + 1, max(rates[1:])), keep_probs, train, self.remat,
+                    self.unrolled, stacked_block_name(first + 1, last),
+                )(x)
         endpoints[stride] = x
         if self.features_only:
             return endpoints
@@ -205,7 +275,7 @@ def efficientnet(name: str, num_classes: int = 1000, **overrides) -> EfficientNe
     ``axis_name``, ``remat``) or any ``EfficientNetConfig`` field (e.g. ``drop_connect_rate=0.3``,
     ``drop_connect_variant="channel"``).
     """
-    module_fields = {"features_only", "dtype", "cpu_kernels", "axis_name", "remat"}
+    module_fields = {"features_only", "dtype", "cpu_kernels", "axis_name", "remat", "unrolled"}
     module_kwargs = {k: overrides.pop(k) for k in list(overrides) if k in module_fields}
     config = get_efficientnet_config(name, **overrides)
     return EfficientNet(config=config, num_classes=num_classes, **module_kwargs)

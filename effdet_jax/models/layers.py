@@ -78,11 +78,15 @@ def batch_norm(
     )
 
 
-def drop_weights(kernel: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
+def drop_weights(
+    kernel: jax.Array, rate: float, rng: jax.Array, keep_prob: jax.Array | None = None
+) -> jax.Array:
     """DropConnect on weights (Wan et al. 2013): zero each kernel entry with probability ``rate`` and
-    rescale the rest by 1/(1-rate), so the expected output is unchanged."""
-    keep = jax.random.bernoulli(rng, 1.0 - rate, kernel.shape)
-    return jnp.where(keep, kernel / (1.0 - rate), jnp.zeros_like(kernel))
+    rescale the rest by 1/(1-rate), so the expected output is unchanged. ``keep_prob``: a traced
+    ``1 - rate`` (float32 scalar) used instead of ``rate``."""
+    keep_prob = 1.0 - rate if keep_prob is None else keep_prob
+    keep = jax.random.bernoulli(rng, keep_prob, kernel.shape)
+    return jnp.where(keep, kernel / keep_prob, jnp.zeros_like(kernel))
 
 
 class Conv2D(nn.Module):
@@ -106,13 +110,19 @@ class Conv2D(nn.Module):
     weight_drop_rate: float = 0.0
 
     @nn.compact
-    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    def __call__(
+        self, x: jax.Array, train: bool = False, keep_prob: jax.Array | None = None
+    ) -> jax.Array:
+        """``keep_prob``: a traced ``1 - weight_drop_rate`` (scan input) used instead of the rate's
+        value; ``weight_drop_rate > 0`` still decides whether weights are dropped."""
         k = self.kernel_size
         kernel = self.param(
             "kernel", self.kernel_init, (k, k, x.shape[-1], self.features), jnp.float32
         )
         if train and self.weight_drop_rate > 0.0:
-            kernel = drop_weights(kernel, self.weight_drop_rate, self.make_rng("dropout"))
+            kernel = drop_weights(
+                kernel, self.weight_drop_rate, self.make_rng("dropout"), keep_prob
+            )
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         y = conv2d(x, kernel, self.strides)
         if self.use_bias:

@@ -26,6 +26,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 # BiFPN cell from its input. (Rematerialising the heads as well was measured to raise XLA's peak
 # temporaries, not lower them: benchmarks/RESULTS.md.)
 REMAT_POLICIES = ("none", "blocks")
+# How each run of identical repeated blocks executes over its stacked variables
+# (``models/layout.py``): one ``lax.scan`` body (compiled once), or unrolled after tracing.
+LAYER_LOOPS = ("scan", "unrolled")
 
 # Input normalisation ``(u8 - mean_rgb) / stddev_rgb`` per RGB channel, in uint8 pixel units as in
 # automl's ``mean_rgb`` / ``stddev_rgb``: ImageNet statistics for D0-D7x, 127 / 128 for lite models.
@@ -105,6 +108,9 @@ class EfficientDetConfig:
         ``None``: ``$EFFDET_JAX_CPU_KERNELS``, else ``auto`` (``effdet_jax.ops.policy``).
       remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none`` or ``blocks``
         (backbone blocks and BiFPN cells); ``True`` / ``False`` mean ``blocks`` / ``none``.
+      layer_loop: one of ``LAYER_LOOPS``: ``scan`` runs each stage's repeated backbone blocks and
+        the BiFPN cells after the first as one ``lax.scan`` (each body compiled once); ``unrolled``
+        unrolls those scans after tracing (a longer compile). Same variables either way.
     """
 
     name: str = "efficientdet-d0"
@@ -131,6 +137,7 @@ class EfficientDetConfig:
     dtype: str = "float32"
     cpu_kernels: str | None = None
     remat: str = "none"
+    layer_loop: str = "scan"
 
     def __post_init__(self):
         if isinstance(self.backbone_overrides, dict):
@@ -160,6 +167,7 @@ class EfficientDetConfig:
             ("dtype", self.dtype, DTYPES),
             ("activation", self.activation, tuple(ACTIVATIONS)),
             ("remat", self.remat, REMAT_POLICIES),
+            ("layer_loop", self.layer_loop, LAYER_LOOPS),
         ]
         if self.cpu_kernels is not None:
             checks.append(("cpu_kernels", self.cpu_kernels, CPU_KERNEL_MODES))

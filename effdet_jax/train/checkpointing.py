@@ -27,6 +27,8 @@ from absl import logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import checkpoint_managers as cm
 
+from effdet_jax.models.layout import unrolled_prefixes
+
 BEST_METRIC = "AP"
 # Where unreadable steps go, beside the checkpoint directory: ``<checkpoints>_damaged/<step>``.
 DAMAGED_SUFFIX = "_damaged"
@@ -191,17 +193,39 @@ def check_shapes(stored: dict[str, tuple[int, ...]], abstract_state: Any, where:
               for name, shape in stored.items() if name not in wanted]
     if not lines:
         return
+    workdir = os.path.dirname(os.path.dirname(where))
+    _check_layout(stored, wanted, where, workdir)
     # The model's own variables first; opt_state/ and ema_*/ repeat them.
     lines.sort(key=lambda line: not line.startswith(("params/", "batch_stats/")))
     shown = lines[:MAX_LISTED]
     if len(lines) > MAX_LISTED:
         shown.append(f"... and {len(lines) - MAX_LISTED} more")
-    workdir = os.path.dirname(os.path.dirname(where))
     raise CheckpointMismatchError(
         f"the checkpoint {where} does not fit the model of this config ({len(lines)} variables "
         "differ; it was written with another architecture):\n  " + "\n  ".join(shown) + "\n"
         f"Either train in a new --workdir, or start a new run from this checkpoint's weights: "
         f"--workdir=NEW_DIR --config.init.checkpoint={workdir}"
+    )
+
+
+def _check_layout(stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[int, ...]], where: str,
+                  workdir: str) -> None:
+    """Raises ``CheckpointMismatchError`` when ``stored`` is the unrolled (pre-scan) layout of the
+    stacked model ``wanted`` (``effdet_jax.models.layout``)."""
+    prefixes = unrolled_prefixes(wanted)
+    hits = sorted({stacked for name in stored if name not in wanted
+                   for prefix, stacked in prefixes.items() if name.startswith(prefix)})
+    if not hits:
+        return
+    hits = sorted({h.split("/", 1)[1] for h in hits if h.startswith("params/")}) or hits
+    raise CheckpointMismatchError(
+        f"the checkpoint {where} is in the pre-scan parameter layout: it stores each backbone "
+        "block (block_<i>) and BiFPN cell (fpn_cell_<c>) on its own, while this version stacks "
+        "repeated ones into one scanned module "
+        f"({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''}). Its "
+        "weights convert on loading: start a new run (or evaluate) from them with "
+        f"--workdir=NEW_DIR --config.init.checkpoint={workdir} (the optimizer state and step "
+        "count start fresh)"
     )
 
 

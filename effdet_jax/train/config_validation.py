@@ -101,6 +101,7 @@ def validate_config(
            "scaling, which the train step does not do (bfloat16 has float32's range and needs "
            "none); float16 is for the library's inference-only use")
     _one_of(config, "model.remat", model_config.REMAT_POLICIES)
+    _one_of(config, "model.layer_loop", model_config.LAYER_LOOPS)
     _one_of(config, "eval.postprocess.method", NMS_METHODS)
     _one_of(config, "eval.postprocess.candidates", CANDIDATE_MODES)
     _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))

@@ -64,6 +64,7 @@ def model_overrides(model_cfg: ml_collections.ConfigDict) -> dict[str, Any]:
     }
     overrides["dtype"] = model_cfg.dtype
     overrides["remat"] = model_cfg.remat
+    overrides["layer_loop"] = model_cfg.layer_loop
     overrides.update(model_cfg.overrides.to_dict())
     return overrides
 

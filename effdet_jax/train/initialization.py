@@ -40,6 +40,7 @@ from effdet_jax.convert.common import CheckpointMismatchError
 from effdet_jax.convert.effdet import load_effdet_state_dict
 from effdet_jax.convert.timm import efficientnet_assignments
 from effdet_jax.models.efficientdet import EfficientDet
+from effdet_jax.models.layout import is_unrolled_layout, model_groups, to_stacked, to_unrolled
 from effdet_jax.train import checkpoint_files, console
 from effdet_jax.train.checkpoint_files import CheckpointFile, CheckpointFileError
 
@@ -127,7 +128,18 @@ def _detector_variables(ckpt: CheckpointFile, model_cfg: ml_collections.ConfigDi
     """The checkpoint as this project's flat variables, for the configured architecture with the
     checkpoint's own class count."""
     if ckpt.naming == "effdet_jax":
-        return {tuple(n.split("/")): v for n, v in ckpt.arrays.items()}
+        flat = {tuple(n.split("/")): v for n, v in ckpt.arrays.items()}
+        groups = model_groups(_model_with_classes(model_cfg, model_cfg.num_classes).config)
+        if is_unrolled_layout(flat, groups):  # a run from before the scanned blocks
+            logging.info("config.%s=%s: unrolled (pre-scan) layout, stacked for this model",
+                         key, ckpt.path)
+            try:
+                flat = traverse_util.flatten_dict(
+                    to_stacked(traverse_util.unflatten_dict(flat), groups))
+            except ValueError as e:
+                raise InitError(f"config.{key}={ckpt.path}: the {ckpt.description} is in the "
+                                f"unrolled (pre-scan) layout and does not fit config.model: {e}") from None
+        return flat
     num_classes = _checkpoint_classes(ckpt, num_anchors, key)
     model = _model_with_classes(model_cfg, num_classes)
     try:
@@ -201,8 +213,16 @@ def _plan_backbone(ckpt: CheckpointFile, config: ml_collections.ConfigDict, targ
                    model: EfficientDet) -> InitPlan:
     key = "init.backbone"
     assignments = _backbone_assignments(ckpt, model)
+    groups = model_groups(model.config)
+    # The name tables speak of the unrolled layout: match there, then stack what was loaded.
+    unrolled_target = {
+        p: tuple(v.shape) for p, v in traverse_util.flatten_dict(to_unrolled(
+            traverse_util.unflatten_dict(
+                {p: jax.ShapeDtypeStruct(shape, np.float32) for p, shape in target.items()}),
+            groups)).items()
+    }
     loaded, problems, used = {}, [], set()
-    for path, shape in target.items():
+    for path, shape in unrolled_target.items():
         if path[1] != "backbone":
             continue
         name, value = assignments.get(path, ("(no source name)", None))
@@ -221,6 +241,7 @@ def _plan_backbone(ckpt: CheckpointFile, config: ml_collections.ConfigDict, targ
             f"{config.model.name!r} ({expected}); is it another EfficientNet variant? (file names "
             f"like {sorted(ckpt.arrays)[:3]})\n- " + "\n- ".join(problems[:20])
         )
+    loaded = traverse_util.flatten_dict(to_stacked(traverse_util.unflatten_dict(loaded), groups))
     reinit = {p: (s, "fresh (not in a backbone checkpoint)") for p, s in target.items()
               if p[1] != "backbone"}
     unused = {n: tuple(np.shape(v)) for n, v in sorted(ckpt.arrays.items())

@@ -14,6 +14,7 @@ from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 from effdet_jax.models.layers import ACTIVATIONS
+from effdet_jax.models.model_config import LAYER_LOOPS
 from effdet_jax.train.config_validation import ConfigError, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -81,6 +82,7 @@ def test_unknown_key_fails_naming_it():
         ("model.dtype", "float8", "bfloat16"),
         ("model.dtype", "float16", "loss scaling"),
         ("model.remat", "all", "blocks"),
+        ("model.layer_loop", "while", "unrolled"),
         ("model.fpn_weight_method", "max", "fastattn"),
         ("model.drop_connect_variant", "block", "channel"),
         ("loss.iou_loss_type", "l1", "ciou"),
@@ -111,6 +113,7 @@ def test_bad_values_fail_naming_key_and_allowed(key, value, allowed):
     [
         ("model.fpn_weight_method", FUSION_METHODS),
         ("model.drop_connect_variant", DROP_CONNECT_VARIANTS),
+        ("model.layer_loop", LAYER_LOOPS),
         ("model.overrides.activation", tuple(ACTIVATIONS)),
         ("eval.postprocess.method", NMS_METHODS),
         ("eval.postprocess.candidates", CANDIDATE_MODES),
