@@ -61,6 +61,11 @@ def case_of(config, mode: str, batch: int, warmup: int, repeats: int) -> dict:
             "warmup": warmup, "repeats": repeats}
 
 
+def _one_or_per_arm(values: dict[str, int]) -> int | str:
+    distinct = set(values.values())
+    return distinct.pop() if len(distinct) == 1 else "the arm's config.train.batch_size"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sweep.add_arguments(parser)
@@ -119,8 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         k: v for k, v in machine.get("jax_side", {}).items() if k != "error"}}
     cost = {"command": ["experiments/cost.py", *(argv if argv is not None else sys.argv[1:])],
             "machine": machine, "threads": args.threads, "infer_batch": args.infer_batch,
-            "train_batch": (args.train_batch or (train_batch.popitem()[1] if len(set(train_batch.values())) == 1
-                                                 else "the arm's config.train.batch_size")),
+            "train_batch": _one_or_per_arm(train_batch),
             "max_load": args.max_load, "malloc": "cached", "arms": arms}
     (out / report.COST_FILE).write_text(json.dumps(cost, indent=1))
     print("\n".join(report.cost_rows(cost, list(arms))))
