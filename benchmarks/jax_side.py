@@ -146,7 +146,10 @@ def run(case: dict) -> dict:
                                                          case.get("num_classes", 90))
     else:
         model, num_classes = efficientnet(name, **overrides), 1000
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+    from effdet_jax.train.experiment import INIT_COMPILER_OPTIONS  # -O0: init runs once
+
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False),
+                        compiler_options=INIT_COMPILER_OPTIONS)(images[:1])
 
     t0 = time.perf_counter()
     if mode == "train":

@@ -3,6 +3,7 @@
 arm's resolved config), reuse of finished runs, and the early errors for a bad key or value; and
 ``experiments/cost.py`` writing the cost table the sweep's ``table.md`` reads."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -12,18 +13,22 @@ import sys
 import pytest
 import scipy.stats
 
+from effdet_jax.ablation import runs as runs_lib
 from effdet_jax.ablation import sweep
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
+_spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
+ablate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablate)
 KEY = "config.model.fpn_weight_method"
 # 3 steps with an evaluation after each: 3 points per curve, enough for the convergence rule.
 SHORT = ["--set", "config.train.total_steps=3", "--set", "config.eval.every_steps=1",
          "--set", "config.log_every_steps=1"]
 
 
-def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+def _run(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
@@ -76,10 +81,11 @@ def test_sweep_over_a_config_key(tmp_path):
     again = _run("ablate.py", *args, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
     assert again.stdout.count('"reused": true') == 4
-    # Another run length in the same folder is refused, not mixed in.
-    other = _run("ablate.py", *args, "--set", "config.train.total_steps=4", timeout=120)
-    assert other.returncode == 2 and "config.train.total_steps" in other.stderr
-    assert "give a new --out" in other.stderr
+    # A finished run is not mixed with another config (here: another run length) in its folder.
+    changed = {**run_configs[0], "train.total_steps": 4}
+    arm = sweep.Arm("sum", ((key, "sum"),))
+    with pytest.raises(sweep.SweepError, match=r"config.train.total_steps differ\): give a new --out"):
+        runs_lib.run(arm, 0, "configs/tiny.py", (), changed, tmp_path)
 
 
 @pytest.mark.parametrize("sweep_arg, message", [
@@ -92,10 +98,10 @@ def test_sweep_over_a_config_key(tmp_path):
     ("config.train.seed=1,2", "use --seeds N"),
     ("fusoin", "neither a preset (drop_connect, fusion) nor KEY=V1,V2"),
 ])
-def test_bad_sweep_fails_before_any_run(tmp_path, sweep_arg, message):
-    proc = _run("ablate.py", "--sweep", sweep_arg, "--base", "configs/tiny.py", "--out", str(tmp_path),
-                timeout=120)
-    assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+def test_bad_sweep_fails_before_any_run(tmp_path, capsys, sweep_arg, message):
+    code = ablate.main(["--sweep", sweep_arg, "--base", "configs/tiny.py", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
     assert not (tmp_path / "runs").exists()
 
 
