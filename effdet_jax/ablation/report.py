@@ -178,7 +178,7 @@ def plot(runs: Mapping[str, Sequence[dict]], curve: str, ylabel: str, path: path
     ax.set_ylabel(ylabel)
     if log_y:
         ax.set_yscale("log")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -196,8 +196,8 @@ def write(out: pathlib.Path, runs: Mapping[str, Sequence[dict]], baseline: str, 
     text = table(summary, baseline, cost, title)
     (out / "table.md").write_text(text)
     band_note = f"mean over seeds, {stats.CONFIDENCE:.0%} t-band"
-    plot(runs, "ap50", "COCO AP50 (eval split)", out / "ap50.png", f"{title}: AP50 ({band_note})")
-    plot(runs, "loss", "training loss", out / "loss.png", f"{title}: loss ({band_note})", log_y=True)
+    plot(runs, "ap50", "COCO AP50 (eval split)", out / "ap50.png", f"{title}\nAP50, {band_note}")
+    plot(runs, "loss", "training loss", out / "loss.png", f"{title}\nloss, {band_note}", log_y=True)
     results = {**meta, "baseline": baseline, "confidence": stats.CONFIDENCE,
                "converged_rule": {"points": stats.CONVERGED_POINTS,
                                   "tolerance": stats.CONVERGED_TOLERANCE},
