@@ -2,8 +2,8 @@
 
 A case is a JSON dict: ``model`` (``efficientnet-b0`` or ``efficientdet-d0``/``d1``...), ``mode``
 (``infer``: network only; ``e2e``: network + post-processing, EfficientDet only; ``train``: one
-full training step), ``batch``, ``image_size``, optional ``warmup`` / ``repeats`` and ``overrides``
-(model config fields, e.g. ``{"cpu_kernels": "off"}``).
+full training step), ``batch``, ``image_size``, optional ``warmup`` / ``repeats``, ``overrides``
+(model config fields, e.g. ``{"cpu_kernels": "off"}``) and ``num_classes`` (EfficientDet; 90).
 
 The train step is what a real one does: forward in train mode, on-device target assignment
 (``assign_targets``) and the automl loss (``detection_loss`` with L2) for EfficientDet or softmax
@@ -45,14 +45,14 @@ def synthetic_gt(batch: int, image_size: int, num_classes: int, seed: int = 0):
     return boxes, classes
 
 
-def build_efficientdet(name: str, image_size: int, overrides: dict):
+def build_efficientdet(name: str, image_size: int, overrides: dict, num_classes: int = 90):
     """Model, anchors ``[A, 4]`` and num_classes for an EfficientDet case."""
     import jax.numpy as jnp
 
     from effdet_jax import efficientdet
     from effdet_jax.detection.anchors import generate_anchors
 
-    model = efficientdet(name, num_classes=90, image_size=image_size, **overrides)
+    model = efficientdet(name, num_classes=num_classes, image_size=image_size, **overrides)
     anchors = jnp.asarray(generate_anchors(model.config.anchor_config()))
     return model, anchors, model.config.num_classes
 
@@ -142,10 +142,14 @@ def run(case: dict) -> dict:
     images = jnp.asarray(rng.standard_normal((batch, size, size, 3), np.float32))
     is_det = name.startswith("efficientdet")
     if is_det:
-        model, anchors, num_classes = build_efficientdet(name, size, overrides)
+        model, anchors, num_classes = build_efficientdet(name, size, overrides,
+                                                         case.get("num_classes", 90))
     else:
         model, num_classes = efficientnet(name, **overrides), 1000
-    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False))(images[:1])
+    from effdet_jax.train.experiment import INIT_COMPILER_OPTIONS  # -O0: init runs once
+
+    variables = jax.jit(lambda x: model.init(jax.random.key(0), x, train=False),
+                        compiler_options=INIT_COMPILER_OPTIONS)(images[:1])
 
     t0 = time.perf_counter()
     if mode == "train":

@@ -1,205 +1,93 @@
-"""Run an ablation sweep: each arm x each seed is a full ``main.py`` training run, then a markdown
-table (mean +- std of AP, AP50, steps/s, params) and a plot of AP50 against steps per arm.
+"""Run an ablation sweep: every arm x seed is a full ``main.py`` training run; then per-arm means
+with 95 % t-intervals, paired differences from the baseline arm, a table and curve plots.
 
-  python experiments/ablate.py --sweep=fusion --seeds=2 --out=experiments/results/fusion
-  python experiments/ablate.py --sweep=drop_connect --base=configs/shapes.py \
-      --set=config.train.total_steps=300
+  python experiments/ablate.py --sweep=fusion --seeds=3
+  python experiments/ablate.py --sweep=drop_connect --rates 0.1 0.2 --seeds=3
+  python experiments/ablate.py --sweep config.model.fpn_weight_method=sum,fastattn \
+      --sweep config.train.learning_rate=0.002,0.004 --base=configs/tiny.py --out=/tmp/grid
 
-Sweeps are defined once, by ``sweep()`` in ``configs/ablations/SWEEP.py`` (one module per sweep):
-  fusion        config.model.fpn_weight_method in every BiFPN fusion method
-  drop_connect  config.model.drop_connect_variant in every drop-connect variant, at ``--rates``
-                (backbone drop-connect rate; ``none`` runs once)
-``--rates`` goes to the sweeps whose ``sweep()`` takes ``rates``.
+``--sweep`` is a preset (``configs/ablations/NAME.py``) or ``KEY=V1,V2,...`` over any config key;
+several make a grid (``effdet_jax/ablation/sweep.py``). The base config (default ``configs/shapes_long.py``:
+3000 steps, an evaluation every 250) decides data source, model and run length; ``--set`` overrides
+it for every arm. Every arm's config is built and validated before any run starts.
 
-Each run is a subprocess (``main.py --mode=train_and_eval``) with its own workdir under ``--out``, so a
-crashed arm is reported and does not take the sweep down, and finished runs are reused on a rerun.
-Metrics are read back from the run's TensorBoard events (``eval/AP``, ``eval/AP50``,
-``train/steps_per_sec``).
+Each run has its own workdir, ``OUT/runs/ARM_seedN``: a finished run is reused, a crashed one is
+reported and the sweep goes on, and the next invocation of the same command resumes an unfinished
+run from its last checkpoint, so a sweep can span sessions. ``OUT/configs/ARM.json`` is each arm's
+resolved config. Outputs (``effdet_jax/ablation/report.py``): ``results.json``, ``table.md``, ``ap50.png``,
+``loss.png``; the cost columns come from ``OUT/cost.json`` (``experiments/cost.py``), never from
+these runs' speed.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import importlib
-import inspect
 import json
-import os
 import pathlib
-import statistics
-import subprocess
 import sys
-import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: configs/ is imported from the repository root
+if str(ROOT) not in sys.path:  # run as a script: experiments/ and configs/ import from the root
     sys.path.insert(0, str(ROOT))
-# One sweep per module of configs/ablations/.
-SWEEPS = tuple(sorted(p.stem for p in (ROOT / "configs" / "ablations").glob("*.py")
-                      if p.stem != "__init__"))
+
+from effdet_jax.ablation import report, runs, sweep  # noqa: E402
 
 
-@dataclasses.dataclass(frozen=True)
-class Arm:
-    """One configuration of the sweep: a label and its ``--config.*`` overrides."""
-
-    label: str
-    overrides: tuple[tuple[str, str], ...]
-
-
-def sweep_arms(sweep: str, rates: list[float]) -> list[Arm]:
-    """The arms of ``configs/ablations/<sweep>.py``'s ``sweep()`` as ``--config.*`` overrides."""
-    if sweep not in SWEEPS:
-        raise ValueError(f"unknown sweep {sweep!r}; choose one of {SWEEPS}")
-    definition = importlib.import_module(f"configs.ablations.{sweep}").sweep
-    takes_rates = "rates" in inspect.signature(definition).parameters
-    arms = definition(rates=rates) if takes_rates else definition()
-    return [Arm(label, tuple((f"config.{key}", str(value)) for key, value in overrides.items()))
-            for label, overrides in arms.items()]
-
-
-def read_events(workdir: pathlib.Path) -> dict[str, list[tuple[int, float]]]:
-    """``{tag: [(step, value), ...]}`` of every scalar in the run's TensorBoard event files."""
-    import tensorflow as tf
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    for path in sorted(workdir.rglob("events.out.tfevents.*")):
-        for event in tf.compat.v1.train.summary_iterator(str(path)):
-            for value in event.summary.value:
-                if value.HasField("tensor"):
-                    array = tf.make_ndarray(value.tensor)
-                    if array.size != 1:
-                        continue
-                    number = float(array.reshape(()))
-                elif value.HasField("simple_value"):
-                    number = float(value.simple_value)
-                else:
-                    continue
-                series.setdefault(value.tag, []).append((int(event.step), number))
-    return {tag: sorted(points) for tag, points in series.items()}
-
-
-def run_arm(arm: Arm, seed: int, args, out: pathlib.Path) -> dict:
-    """Train + evaluate one (arm, seed); returns its summary (reusing a finished run)."""
-    workdir = out / "runs" / f"{arm.label}_seed{seed}"
-    result_path = workdir / "result.json"
-    if result_path.exists():
-        return json.loads(result_path.read_text())
-    workdir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, str(ROOT / "main.py"), f"--config={args.base}", f"--workdir={workdir}",
-           "--mode=train_and_eval", f"--config.train.seed={seed}"]
-    cmd += [f"--{k}={v}" for k, v in arm.overrides]
-    cmd += [f"--{s}" for s in args.set]
-    start = time.time()
-    # main.py writes its full log to workdir/log.txt itself; this is what it printed.
-    with open(workdir / "console.txt", "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    result = {"arm": arm.label, "seed": seed, "returncode": proc.returncode,
-              "wall_s": time.time() - start}
-    if proc.returncode != 0:
-        result["error"] = f"exit {proc.returncode}; see {workdir / 'console.txt'} and log.txt"
-        return result
-    events = read_events(workdir)
-    result["curve_ap50"] = events.get("eval/AP50", [])
-    result["curve_ap"] = events.get("eval/AP", [])
-    result["ap"] = result["curve_ap"][-1][1] if result["curve_ap"] else float("nan")
-    result["ap50"] = result["curve_ap50"][-1][1] if result["curve_ap50"] else float("nan")
-    speed = [v for _, v in events.get("train/steps_per_sec", []) or events.get("steps_per_sec", [])]
-    result["steps_per_sec"] = statistics.median(speed) if speed else float("nan")
-    result_path.write_text(json.dumps(result))
-    return result
-
-
-def count_params(args, arm: Arm) -> int:
-    """Parameters of the arm's model, from ``main.py --mode=summary`` (no compute)."""
-    cmd = [sys.executable, str(ROOT / "main.py"), f"--config={args.base}", "--mode=summary"]
-    cmd += [f"--{k}={v}" for k, v in arm.overrides] + [f"--{s}" for s in args.set]
-    text = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT).stdout
-    for line in text.splitlines():
-        if line.startswith("total"):
-            return int(line.split()[1].replace(",", ""))
-    return -1
-
-
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v == v]
-    if not values:
-        return "n/a"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
-def write_table(results: dict[str, list[dict]], params: dict[str, int], path: pathlib.Path) -> str:
-    lines = ["| arm | AP | AP50 | steps/s | params | seeds |", "|---|---|---|---|---|---|"]
-    for label, runs in results.items():
-        ok = [r for r in runs if r.get("returncode") == 0]
-        failed = len(runs) - len(ok)
-        lines.append(
-            f"| {label} | {_mean_std([r['ap'] for r in ok])} | {_mean_std([r['ap50'] for r in ok])} "
-            f"| {_mean_std([r['steps_per_sec'] for r in ok])} | {params.get(label, -1):,} "
-            f"| {len(ok)}{f' ({failed} failed)' if failed else ''} |"
-        )
-    table = "\n".join(lines) + "\n"
-    path.write_text(table)
-    return table
-
-
-def write_plot(results: dict[str, list[dict]], path: pathlib.Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, runs in results.items():
-        curves = [dict(r["curve_ap50"]) for r in runs if r.get("curve_ap50")]
-        if not curves:
-            continue
-        steps = sorted(set.intersection(*(set(c) for c in curves)))
-        values = np.array([[c[s] for s in steps] for c in curves])
-        mean = values.mean(axis=0)
-        ax.plot(steps, mean, marker="o", label=label)
-        if len(curves) > 1:
-            std = values.std(axis=0)
-            ax.fill_between(steps, mean - std, mean + std, alpha=0.15)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("COCO AP50 (eval split)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def default_out(args: argparse.Namespace) -> pathlib.Path:
+    """``experiments/results/<preset>`` for one preset, else ``experiments/results/<keys>``."""
+    names = [s if "=" not in s else s.partition("=")[0].rsplit(".", 1)[-1] for s in args.sweep]
+    return ROOT / "experiments" / "results" / "+".join(names)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", required=True, choices=SWEEPS)
-    parser.add_argument("--base", default="configs/shapes.py", help="base config file")
-    parser.add_argument("--seeds", type=int, default=2)
-    parser.add_argument("--rates", type=float, nargs="+", default=[0.2])
-    parser.add_argument("--set", action="append", default=[],
-                        help="extra override, e.g. config.train.total_steps=300 (repeatable)")
-    parser.add_argument("--out", default=None, help="results folder (default experiments/results/SWEEP)")
+    sweep.add_arguments(parser)
+    parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
+    parser.add_argument("--out", default=None,
+                        help="results folder (default experiments/results/<preset or key>)")
     args = parser.parse_args(argv)
-    out = pathlib.Path(args.out or ROOT / "experiments" / "results" / args.sweep)
-    out.mkdir(parents=True, exist_ok=True)
-    arms = sweep_arms(args.sweep, args.rates)
+    if args.seeds < 1:
+        parser.error("--seeds must be >= 1")
+    try:
+        spec = sweep.from_arguments(args)
+        configs = sweep.resolve_arms(spec)
+    except sweep.SweepError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = pathlib.Path(args.out) if args.out else default_out(args)
+    (out / "configs").mkdir(parents=True, exist_ok=True)
+    for arm in spec.arms:
+        (out / "configs" / f"{arm.dirname}.json").write_text(
+            json.dumps(sweep.flatten(configs[arm.label]), indent=1, sort_keys=True))
+    print(f"{len(spec.arms)} arms x {args.seeds} seeds on {spec.base}, baseline {spec.baseline}; "
+          f"runs in {out / 'runs'}", flush=True)
+
     results: dict[str, list[dict]] = {}
-    params: dict[str, int] = {}
-    for arm in arms:
-        params[arm.label] = count_params(args, arm)
+    for arm in spec.arms:
         for seed in range(args.seeds):
-            r = run_arm(arm, seed, args, out)
+            try:
+                r = runs.run(arm, seed, spec.base, spec.extra_flags,
+                             runs.run_config(configs[arm.label], seed), out)
+            except sweep.SweepError as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 2
             results.setdefault(arm.label, []).append(r)
-            print(json.dumps({k: v for k, v in r.items() if not k.startswith("curve")}), flush=True)
-    table = write_table(results, params, out / "table.md")
-    write_plot(results, out / "ap50.png", f"{args.sweep} ablation on {os.path.basename(args.base)}")
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    print(table)
-    return 0
+            shown = {k: r.get(k) for k in ("arm", "seed", "returncode", "ap", "ap50", "auc_ap50",
+                                           "converged", "wall_s", "reused", "resumed", "error")
+                     if k in r}
+            print(json.dumps({"arm": arm.label, "seed": seed, **shown}), flush=True)
+
+    title = f"{' x '.join(args.sweep)} on {pathlib.Path(spec.base.partition(':')[0]).name}"
+    meta = {"command": ["experiments/ablate.py", *(argv if argv is not None else sys.argv[1:])],
+            "base": spec.base, "sweep": args.sweep, "set": list(spec.extra_flags),
+            "seeds": args.seeds,
+            "arms_overrides": {a.label: dict(a.overrides) for a in spec.arms}}
+    print(report.write(out, results, spec.baseline, meta, title))
+    failed = sum(1 for rs in results.values() for r in rs if r.get("returncode") != 0)
+    if failed:
+        print(f"{failed} run(s) failed (listed in {out / 'table.md'}); rerun the command to resume them",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ VARIANT is one of ``effdet_jax.models.efficientnet_config.DROP_CONNECT_VARIANTS`
 ``EfficientNetConfig.drop_connect_variant``). The rest is ``configs/d1.py``: automl
 turns drop-connect off for b0 backbones (so D0 would ablate nothing), while D1's b1 backbone trains
 with rate 0.2. ``sweep(rates)`` is every variant at every backbone drop-connect rate (``none``
-once); ``experiments/ablate.py --sweep=drop_connect --rates ...`` runs it.
+once), compared with ``BASELINE`` (no drop-connect); ``experiments/ablate.py --sweep=drop_connect
+--rates ...`` runs it on any base config.
 """
 
 from collections.abc import Sequence
@@ -14,6 +15,8 @@ import ml_collections
 
 from configs import d1
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
+
+BASELINE = "none"
 
 
 def get_config(variant: str = "sample") -> ml_collections.ConfigDict:

@@ -1,8 +1,9 @@
 """BiFPN feature-fusion ablation: ``--config=configs/ablations/fusion.py:METHOD``.
 
 METHOD is one of ``effdet_jax.models.bifpn.FUSION_METHODS`` (automl's ``fpn_weight_method``; see
-``bifpn.fuse``). The rest is ``configs/d0.py``. ``sweep()`` is one arm per method;
-``experiments/ablate.py --sweep=fusion`` runs it.
+``bifpn.fuse``). The rest is ``configs/d0.py``. ``sweep()`` is one arm per method, compared
+with ``BASELINE`` (softmax fusion: the paper's claim is that fast normalised fusion learns like it);
+``experiments/ablate.py --sweep=fusion`` runs it on any base config.
 """
 
 from typing import Any
@@ -11,6 +12,8 @@ import ml_collections
 
 from configs import d0
 from effdet_jax.models.bifpn import FUSION_METHODS
+
+BASELINE = "attn"
 
 
 def get_config(method: str = "fastattn") -> ml_collections.ConfigDict:

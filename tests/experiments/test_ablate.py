@@ -1,66 +1,149 @@
-"""The ablation runner's pieces: the sweep arms, reading metrics back from TensorBoard events, and
-the table/plot it writes."""
+"""``experiments/ablate.py`` as a user runs it: a two-arm sweep over a config key on
+``configs/tiny.py``, its outputs (table, plots, results with intervals and paired differences, each
+arm's resolved config), reuse of finished runs, and the early errors for a bad key or value; and
+``experiments/cost.py`` writing the cost table the sweep's ``table.md`` reads."""
 
 import importlib.util
+import json
+import os
 import pathlib
+import subprocess
 import sys
 
-import numpy as np
 import pytest
+import scipy.stats
 
+from effdet_jax.ablation import runs as runs_lib
+from effdet_jax.ablation import sweep
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
-ablate = importlib.util.module_from_spec(spec)
-sys.modules["ablate"] = ablate  # dataclasses look their module up while the class is created
-spec.loader.exec_module(ablate)
+_spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / "ablate.py")
+ablate = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ablate)
+KEY = "config.model.fpn_weight_method"
+# 3 steps with an evaluation after each: 3 points per curve, enough for the convergence rule.
+SHORT = ["--set", "config.train.total_steps=3", "--set", "config.eval.every_steps=1",
+         "--set", "config.log_every_steps=1"]
 
 
-def test_sweep_arms_cover_every_variant():
-    assert ablate.SWEEPS == ("drop_connect", "fusion")
-    fusion = ablate.sweep_arms("fusion", [0.2])
-    assert [a.label for a in fusion] == list(FUSION_METHODS)
-    assert fusion[1].overrides == (("config.model.fpn_weight_method", FUSION_METHODS[1]),)
-    dc = ablate.sweep_arms("drop_connect", [0.1, 0.3])
-    labels = [a.label for a in dc]
-    assert labels[0] == "none" and len(labels) == 1 + (len(DROP_CONNECT_VARIANTS) - 1) * 2
-    assert "channel@0.3" in labels
-    assert dc[0].overrides == (("config.model.drop_connect_variant", "none"),
-                               ("config.model.backbone_drop_connect_rate", "0.0"))
-    assert dict(dc[labels.index("channel@0.3")].overrides) == {
-        "config.model.drop_connect_variant": "channel",
-        "config.model.backbone_drop_connect_rate": "0.3",
-    }
-    with pytest.raises(ValueError, match="drop_connect"):
-        ablate.sweep_arms("dropout", [0.1])
+def _run(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=env)
 
 
-def test_read_events_and_table(tmp_path):
-    import tensorflow as tf
+def _flat(path: pathlib.Path) -> dict:
+    return sweep.flatten(json.loads(path.read_text()))
 
-    writer = tf.summary.create_file_writer(str(tmp_path / "run"))
-    with writer.as_default():
-        for step, ap50 in ((10, 0.2), (20, 0.5)):
-            tf.summary.scalar("eval/AP50", ap50, step=step)
-            tf.summary.scalar("eval/AP", ap50 / 2, step=step)
-    writer.flush()
-    events = ablate.read_events(tmp_path)
-    np.testing.assert_allclose([v for _, v in events["eval/AP50"]], [0.2, 0.5], rtol=1e-6)
-    assert [s for s, _ in events["eval/AP"]] == [10, 20]
 
-    runs = {
-        "sum": [
-            {"returncode": 0, "ap": 0.3, "ap50": 0.6, "steps_per_sec": 2.0,
-             "curve_ap50": [(10, 0.2), (20, 0.6)]},
-            {"returncode": 0, "ap": 0.5, "ap50": 0.8, "steps_per_sec": 4.0,
-             "curve_ap50": [(10, 0.4), (20, 0.8)]},
-        ],
-        "attn": [{"returncode": 1, "error": "exit 1"}],
-    }
-    table = ablate.write_table(runs, {"sum": 1234, "attn": 1240}, tmp_path / "t.md")
-    assert "| sum | 0.400 ± 0.141 | 0.700 ± 0.141 | 3.000 ± 1.414 | 1,234 | 2 |" in table
-    assert "| attn | n/a | n/a | n/a | 1,240 | 0 (1 failed) |" in table
-    ablate.write_plot(runs, tmp_path / "p.png", "t")
-    assert (tmp_path / "p.png").stat().st_size > 1000
+def test_sweep_over_a_config_key(tmp_path):
+    args = ["--sweep", f"{KEY}=sum,fastattn", "--seeds", "2", "--base", "configs/tiny.py",
+            "--out", str(tmp_path), *SHORT]
+    proc = _run("ablate.py", *args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    table = (tmp_path / "table.md").read_text()
+    assert "| sum | 2 |" in table and "| fastattn | 2 |" in table
+    assert "**fastattn − sum** over 2 paired seeds: AP " in table
+    assert "Cost not measured yet" in table
+    for plot in ("ap50.png", "loss.png"):
+        assert (tmp_path / plot).stat().st_size > 5000
+
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["baseline"] == "sum"
+    runs = results["runs"]
+    assert [r["seed"] for r in runs["fastattn"]] == [0, 1]
+    for arm_runs in runs.values():
+        for r in arm_runs:
+            assert [s for s, _ in r["curve_ap50"]] == [1, 2, 3]
+            assert r["converged"] in (True, False) and [s for s, _ in r["curve_loss"]] == [1, 2, 3]
+    # Intervals and the paired difference, recomputed from the per-run numbers with scipy.
+    ap50 = {label: [r["ap50"] for r in rs] for label, rs in runs.items()}
+    mean_ci = scipy.stats.ttest_1samp(ap50["sum"], 0).confidence_interval(0.95)
+    assert results["arms"]["sum"]["stats"]["ap50"]["low"] == pytest.approx(mean_ci.low)
+    diff = results["arms"]["fastattn"]["vs_baseline"]["ap50"]
+    diff_ci = scipy.stats.ttest_rel(ap50["fastattn"], ap50["sum"]).confidence_interval(0.95)
+    assert (diff["low"], diff["high"]) == pytest.approx((diff_ci.low, diff_ci.high))
+    assert diff["n"] == 2 and diff["resolved"] == (diff_ci.low > 0 or diff_ci.high < 0)
+    assert "vs_baseline" not in results["arms"]["sum"]
+
+    # The arms' resolved configs, and the configs the runs were made with, differ only in KEY.
+    key = KEY.removeprefix("config.")
+    arm_configs = [_flat(tmp_path / "configs" / f"{a}.json") for a in ("sum", "fastattn")]
+    assert sweep.differing_keys(*arm_configs) == [key]
+    assert arm_configs[1][key] == "fastattn" and arm_configs[1]["train.total_steps"] == 3
+    run_configs = [_flat(tmp_path / "runs" / f"{a}_seed0" / "config.json") for a in ("sum", "fastattn")]
+    assert sweep.differing_keys(*run_configs) == [key]
+
+    # The same command again reuses every finished run (no training).
+    again = _run("ablate.py", *args, timeout=120)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert again.stdout.count('"reused": true') == 4
+    # A finished run is not mixed with another config (here: another run length) in its folder.
+    changed = {**run_configs[0], "train.total_steps": 4}
+    arm = sweep.Arm("sum", ((key, "sum"),))
+    with pytest.raises(sweep.SweepError, match=r"config.train.total_steps differ\): give a new --out"):
+        runs_lib.run(arm, 0, "configs/tiny.py", (), changed, tmp_path)
+
+
+@pytest.mark.parametrize("sweep_arg, message", [
+    (f"{KEY[:-7]}=sum,attn", "unknown config key config.model.fpn_weight (no 'fpn_weight' in config.model); "
+                             "did you mean config.model.fpn_weight_method"),
+    (f"{KEY}=sum,bogus", "arm 'bogus' (--config.model.fpn_weight_method=bogus): config.model."
+                         "fpn_weight_method='bogus' is invalid: allowed one of"),
+    ("config.train.batch_size=8,eight", "invalid literal for int()"),
+    ("config.model=1,2", "config.model is a section, not a value"),
+    ("config.train.seed=1,2", "use --seeds N"),
+    ("fusoin", "neither a preset (drop_connect, fusion) nor KEY=V1,V2"),
+])
+def test_bad_sweep_fails_before_any_run(tmp_path, capsys, sweep_arg, message):
+    code = ablate.main(["--sweep", sweep_arg, "--base", "configs/tiny.py", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_presets_and_grid():
+    base = sweep.resolve_config(str(ROOT / "configs" / "tiny.py"), [])
+    fusion, baseline = sweep.parse_dimension("fusion", base, [0.2])
+    assert [a.label for a in fusion] == list(FUSION_METHODS) and baseline == "attn"
+    dc, baseline = sweep.parse_dimension("drop_connect", base, [0.1, 0.3])
+    assert baseline == "none" and len(dc) == 1 + (len(DROP_CONNECT_VARIANTS) - 1) * 2
+    assert dict(dc[[a.label for a in dc].index("channel@0.3")].overrides) == {
+        "model.drop_connect_variant": "channel", "model.backbone_drop_connect_rate": "0.3"}
+    lr, _ = sweep.parse_dimension("config.train.learning_rate=0.002,0.004", base, [])
+    arms = sweep.grid([fusion[:2], lr])
+    assert [a.label for a in arms] == [
+        "fpn_weight_method=sum,learning_rate=0.002", "fpn_weight_method=sum,learning_rate=0.004",
+        "fpn_weight_method=attn,learning_rate=0.002", "fpn_weight_method=attn,learning_rate=0.004"]
+    spec = sweep.Sweep(tuple(arms), arms[0].label, str(ROOT / "configs" / "tiny.py"), ())
+    configs = sweep.resolve_arms(spec)
+    assert configs[arms[3].label].train.learning_rate == 0.004
+    assert configs[arms[3].label].model.fpn_weight_method == "attn"
+
+
+def test_cost_table_feeds_the_sweep_table(tmp_path):
+    proc = _run("cost.py", "--sweep", f"{KEY}=sum,fastattn", "--base", "configs/tiny.py",
+                "--out", str(tmp_path), "--modes", "infer", "--processes", "1", "--repeats", "3",
+                "--warmup", "1", "--max-load", "1000")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    cost = json.loads((tmp_path / "cost.json").read_text())
+    from effdet_jax.summary import summarize
+    from effdet_jax.train.experiment import build_model
+
+    for label in ("sum", "fastattn"):
+        config = sweep.resolve_config(str(ROOT / "configs" / "tiny.py"), [f"--{KEY}={label}"])
+        expected = summarize(build_model(config.model))
+        arm = cost["arms"][label]
+        assert (arm["params"], arm["macs"]) == (expected.params, expected.macs)
+        assert arm["infer"]["runs"] == 3 and arm["infer"]["median_ms"] > 0
+        assert arm["infer"]["num_classes"] == 4 and arm["infer"]["image_size"] == 64
+        assert "load_before" in arm["infer"]
+    # fastattn has one weight per fusion input more than sum.
+    assert cost["arms"]["fastattn"]["params"] > cost["arms"]["sum"]["params"]
+    from effdet_jax.ablation import report
+
+    rows = "\n".join(report.cost_rows(cost, ["sum", "fastattn"]))
+    assert f"| fastattn | {cost['arms']['fastattn']['params']:,} |" in rows
