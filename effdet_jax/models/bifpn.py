@@ -21,7 +21,7 @@ from effdet_jax.models.layers import (
     activation_fn,
     batch_norm,
 )
-from effdet_jax.models.layout import scan_unroll
+from effdet_jax.models.layout import scanned_stack
 from effdet_jax.ops.pool import max_pool_same
 from effdet_jax.ops.resize import resize_nearest_legacy
 
@@ -188,13 +188,5 @@ def scanned_cells(cell_kwargs: dict, length: int, train: bool, remat: bool, unro
     """``feats -> feats`` running ``length`` identical ``BiFPNCell(**cell_kwargs)`` as one
     ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
     no loop after tracing (``layout.scan_unroll``)."""
-    body = nn.remat(ScannedBiFPNCell, prevent_cse=False) if remat else ScannedBiFPNCell
-    scan = nn.scan(
-        body,
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True, "dropout": True},
-        length=length,
-        unroll=scan_unroll(length, unrolled),
-    )
-    module = scan(**cell_kwargs, train=train, name=name)
+    module = scanned_stack(ScannedBiFPNCell, cell_kwargs, length, train, remat, unrolled, name)
     return lambda feats: module(feats, None)[0]

@@ -33,7 +33,7 @@ from effdet_jax.models.layers import (
     batch_norm,
     dense_kernel_init,
 )
-from effdet_jax.models.layout import scan_unroll, stacked_block_name, stage_runs
+from effdet_jax.models.layout import scanned_stack, stacked_block_name, stage_runs
 from effdet_jax.ops.policy import cpu_kernels
 
 Dtype = Any
@@ -159,16 +159,8 @@ def scanned_blocks(
     """``x -> x`` running ``len(keep_probs)`` identical ``MBConvBlock(**block_kwargs)`` as one
     ``nn.scan`` over stacked variables (leading axis: the repeat), named ``name``; ``unrolled``:
     no loop after tracing (``scan_unroll``)."""
-    body = nn.remat(ScannedMBConvBlock, prevent_cse=False) if remat else ScannedMBConvBlock
-    scan = nn.scan(
-        body,
-        variable_axes={"params": 0, "batch_stats": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=0,
-        length=len(keep_probs),
-        unroll=scan_unroll(len(keep_probs), unrolled),
-    )
-    module = scan(**block_kwargs, train=train, name=name)
+    module = scanned_stack(ScannedMBConvBlock, block_kwargs, len(keep_probs), train, remat, unrolled,
+                           name)
     return lambda x: module(x, jnp.asarray(keep_probs, jnp.float32))[0]
 
 

@@ -24,6 +24,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import linen as nn
 
 _STACKED = re.compile(r"^(blocks|fpn_cells)_(\d+)_to_(\d+)$")
 # A stacked module's kind -> the name of one of its repeats in the unrolled layout.
@@ -54,6 +55,24 @@ def scan_unroll(length: int, unrolled: bool) -> int:
     """``lax.scan``'s ``unroll`` for a run of ``length``: 1 (a loop), or with ``unrolled`` one
     that leaves no loop (``unroll=1`` is a loop even for a single repeat, so at least 2)."""
     return max(length, 2) if unrolled else 1
+
+
+def scanned_stack(body: type[nn.Module], kwargs: dict, length: int, train: bool, remat: bool,
+                  unrolled: bool, name: str) -> nn.Module:
+    """``length`` repeats of the scan body ``body(**kwargs, train=train)`` as one ``nn.scan`` over
+    stacked variables (``params`` and ``batch_stats`` on a leading repeat axis, fresh ``params`` /
+    ``dropout`` rngs per repeat), named ``name``; ``remat`` inside the scan; ``unrolled``: no loop
+    after tracing (``scan_unroll``). Call it as ``module(carry, xs) -> (carry, None)``, ``xs``
+    scanned over its leading axis. Create it inside the parent's compact ``__call__``."""
+    scan = nn.scan(
+        nn.remat(body, prevent_cse=False) if remat else body,
+        variable_axes={"params": 0, "batch_stats": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=0,
+        length=length,
+        unroll=scan_unroll(length, unrolled),
+    )
+    return scan(**kwargs, train=train, name=name)
 
 
 def stack_length(name: str) -> int | None:
