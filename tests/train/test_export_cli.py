@@ -64,3 +64,17 @@ def test_export_cli_writes_checked_files(tmp_path):
     diff = parity.detection_differences(reference, exported, top_k=20)
     assert diff["class_mismatches"] == 0 and diff["valid_mismatches"] == 0, diff
     assert diff["box_px"] <= 1e-3 and diff["score"] <= 1e-4, diff
+
+    # Another image size: the graph letterboxes 48x80 images and gives boxes in their pixels.
+    boxed = tmp_path / "letterboxed"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={boxed}",
+                "--config.export.formats=stablehlo", "--config.export.batch_size=1",
+                "--config.export.input_size=48x80", env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((boxed / "export.json").read_text())
+    assert manifest["input"]["shape"] == [1, 48, 80, 3], manifest["input"]
+    assert manifest["parity"]["stablehlo"]["class_mismatches"] == 0, manifest["parity"]
+    boxes, _, _, valid = formats.run("stablehlo", str(boxed / "model.stablehlo"),
+                                     check_images(1, 48, 80, seed=4), serving.NMS_OUTPUTS)
+    kept = boxes[0, : int(valid[0])]
+    assert kept.size and kept.min() >= 0 and kept[:, 2].max() <= 48 and kept[:, 3].max() <= 80, kept
