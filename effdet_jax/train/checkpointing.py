@@ -53,9 +53,25 @@ class CheckpointOptions:
     async_save: bool = True
 
 
+def use_single_replica_saves_on_cpu() -> None:
+    """On the CPU backend, saves copy each array to the host from one replica.
+
+    Orbax's default (outside GPU) splits a replicated array over its replicas and copies each
+    slice; that compiles a slicing program per array shape at the first save (608 arrays of the
+    tiny model over 8 CPU devices: 35 s, then 0.8 s without), and CPU devices share one host
+    memory, so the split buys nothing there. The files are the same either way. This sets
+    orbax's global ``jax.Array`` handler, so it runs once, before the first manager is made.
+    """
+    if jax.default_backend() == "cpu":
+        ocp.type_handlers.register_type_handler(
+            jax.Array, ocp.type_handlers.ArrayHandler(use_replica_parallel=False), override=True
+        )
+
+
 def make_manager(directory: str, options: CheckpointOptions) -> ocp.CheckpointManager:
     """A manager saving every ``every_steps`` (plus forced saves), keeping the last ``keep`` and
     the ``keep_best`` checkpoints with the highest ``AP`` metric."""
+    use_single_replica_saves_on_cpu()
     preserve: list[cm.PreservationPolicy] = [cm.LatestN(n=options.keep)]
     if options.keep_best > 0:
         preserve.append(
