@@ -147,3 +147,20 @@ def test_cost_table_feeds_the_sweep_table(tmp_path):
 
     rows = "\n".join(report.cost_rows(cost, ["sum", "fastattn"]))
     assert f"| fastattn | {cost['arms']['fastattn']['params']:,} |" in rows
+
+
+def test_both_scripts_share_the_sweep_flags_and_results_folder(tmp_path):
+    """``ablate.py`` and ``cost.py`` parse the same flags into the same arms and folder, so
+    ``cost.json`` lands beside the sweep's ``table.md``."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    flags = ["--sweep", f"{KEY}=sum,fastattn", "--base", "configs/tiny.py"]
+    spec, configs, out = sweep.from_command_line(parser.parse_args(flags), tmp_path)
+    assert out == tmp_path / "fpn_weight_method" and list(configs) == ["sum", "fastattn"]
+    assert spec.baseline == "sum"
+    _, _, out = sweep.from_command_line(parser.parse_args([*flags, "--out", "/x/y"]), tmp_path)
+    assert out == pathlib.Path("/x/y")
+    with pytest.raises(sweep.SweepError, match="neither a preset"):
+        sweep.from_command_line(parser.parse_args(["--sweep", "fusoin"]), tmp_path)
