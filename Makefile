@@ -54,11 +54,13 @@ demo: setup
 lint: setup
 	$(VENV)/bin/ruff check .
 
+# --dist loadscope keeps each test module on one worker: its module-scoped fixtures (compiled tiny
+# runs) are built once per suite, not once per worker.
 test: setup refs
 	$(VENV)/bin/ruff check .
-	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 -q --durations=25 tests
+	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 $(PY) -m pytest -n 2 --dist loadscope -q --durations=25 tests
 
 # The slow tests include the SavedModel / LiteRT export, which needs the onnx2tf venv.
 test-all: setup refs onnx2tf
 	EFFDET_JAX_REFS=$(REFS) EFFDET_JAX_REQUIRE_REFS=1 EFFDET_JAX_REQUIRE_CPU_KERNEL=1 \
-	  EFFDET_JAX_ONNX2TF_VENV=$(ONNX2TF_VENV) EFFDET_JAX_REQUIRE_ONNX2TF=1 $(PY) -m pytest -n 2 -q -m "" tests
+	  EFFDET_JAX_ONNX2TF_VENV=$(ONNX2TF_VENV) EFFDET_JAX_REQUIRE_ONNX2TF=1 $(PY) -m pytest -n 2 --dist loadscope -q -m "" tests

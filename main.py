@@ -39,20 +39,20 @@ def main(argv):
     # Library INFO goes to WORKDIR/log.txt, not the console, unless --verbosity is given.
     library_info = FLAGS["verbosity"].present
     console.setup(FLAGS.workdir, library_info=library_info)
+    config = FLAGS.config
+    if launcher.jax_will_use_cpu(os.environ):
+        logging.info(launcher.status_line(os.environ))
+    if FLAGS.mode == "summary":  # shapes only: no TensorFlow, no input pipeline
+        from effdet_jax.train.model_summary import summary
+
+        print(summary(config))
+        return
     # TensorFlow's C++ start-up notices go to the log. Imported here, not at the top: the
     # trainer pulls in TensorFlow, which the launcher's re-execution would load twice.
     with contextlib.nullcontext() if library_info else console.native_stderr_to_log():
         from effdet_jax.data import hide_gpus_from_tf
 
         hide_gpus_from_tf()
-    from effdet_jax.train import trainer
-
-    config = FLAGS.config
-    if launcher.jax_will_use_cpu(os.environ):
-        logging.info(launcher.status_line(os.environ))
-    if FLAGS.mode == "summary":
-        print(trainer.summary(config))
-        return
     if not FLAGS.workdir:
         raise app.UsageError("--workdir is required for mode " + FLAGS.mode)
     from effdet_jax.data.report import BadDataError

@@ -27,34 +27,25 @@ import pathlib
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
 if str(ROOT) not in sys.path:  # run as a script: experiments/ and configs/ import from the root
     sys.path.insert(0, str(ROOT))
 
 from effdet_jax.ablation import report, runs, sweep  # noqa: E402
 
 
-def default_out(args: argparse.Namespace) -> pathlib.Path:
-    """``experiments/results/<preset>`` for one preset, else ``experiments/results/<keys>``."""
-    names = [s if "=" not in s else s.partition("=")[0].rsplit(".", 1)[-1] for s in args.sweep]
-    return ROOT / "experiments" / "results" / "+".join(names)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sweep.add_arguments(parser)
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per arm")
-    parser.add_argument("--out", default=None,
-                        help="results folder (default experiments/results/<preset or key>)")
     args = parser.parse_args(argv)
     if args.seeds < 1:
         parser.error("--seeds must be >= 1")
     try:
-        spec = sweep.from_arguments(args)
-        configs = sweep.resolve_arms(spec)
+        spec, configs, out = sweep.from_command_line(args, RESULTS)
     except sweep.SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out) if args.out else default_out(args)
     (out / "configs").mkdir(parents=True, exist_ok=True)
     for arm in spec.arms:
         (out / "configs" / f"{arm.dirname}.json").write_text(

@@ -69,7 +69,6 @@ def _one_or_per_arm(values: dict[str, int]) -> int | str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sweep.add_arguments(parser)
-    parser.add_argument("--out", default=None, help="folder of cost.json (default: ablate.py's --out)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {MODES}")
     parser.add_argument("--infer-batch", type=int, default=1)
     parser.add_argument("--train-batch", type=int, default=None,
@@ -86,16 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     if not modes or any(m not in MODES for m in modes):
         parser.error(f"--modes={args.modes!r}: choose from {MODES}")
 
-    from ablate import default_out  # experiments/ablate.py, beside this file
     from common import MALLOC_ENV, machine_info, pool_processes, run_case, wait_for_low_load
 
     try:
-        spec = sweep.from_arguments(args)
-        configs = sweep.resolve_arms(spec)
+        spec, configs, out = sweep.from_command_line(args, ROOT / "experiments" / "results")
     except sweep.SweepError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = pathlib.Path(args.out) if args.out else default_out(args)
     out.mkdir(parents=True, exist_ok=True)
 
     train_batch = {label: args.train_batch or int(c.train.batch_size) for label, c in configs.items()}

@@ -21,9 +21,9 @@ jax.config.update(
 )
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from automl_reference import AutomlReference, find_reference  # noqa: E402
+from torch_refs import load_torch_reference  # noqa: E402, F401  (tests/models import it from here)
 
 # shared/ sits beside the clone (as in CI); EFFDET_JAX_SHARED points elsewhere.
 SHARED = pathlib.Path(
@@ -37,25 +37,6 @@ def automl_reference() -> AutomlReference:
     """google/automl reference data: the full shared folder when present, else the compact copy
     in tests/reference/automl (see tests/automl_reference.py)."""
     return find_reference(SHARED_REFERENCE)
-
-
-def load_torch_reference(name: str) -> dict[str, np.ndarray]:
-    """Arrays written by ``tools/torch_reference/make_<name>.py`` in the PyTorch venv.
-
-    ``make test`` builds them into ``$EFFDET_JAX_REFS`` and sets ``EFFDET_JAX_REQUIRE_REFS=1``, so in CI
-    a missing file is a failure; a bare ``pytest`` without them skips these tests with the fix.
-    """
-    root = pathlib.Path(
-        os.environ.get("EFFDET_JAX_REFS", pathlib.Path.home() / ".cache/effdet_jax/torch_refs")
-    )
-    path = root / f"{name}.npz"
-    if not path.exists():
-        message = f"PyTorch reference {path} is missing: run `make refs` (builds the 3.11 torch venv)"
-        if os.environ.get("EFFDET_JAX_REQUIRE_REFS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}
 
 
 @pytest.fixture

@@ -83,6 +83,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="override applied to every arm, e.g. config.train.total_steps=300")
     parser.add_argument("--baseline", default=None,
                         help="arm the others are compared with (default: the preset's, else the first)")
+    parser.add_argument("--out", default=None,
+                        help="results folder: ablate.py's runs, tables and plots, cost.py's cost.json "
+                        "(default experiments/results/<preset or key>)")
+
+
+def from_command_line(
+    args: argparse.Namespace, results_root: pathlib.Path
+) -> tuple[Sweep, dict[str, ml_collections.ConfigDict], pathlib.Path]:
+    """The sweep of parsed ``add_arguments`` flags, every arm's validated config (``resolve_arms``)
+    and the results folder: ``--out``, else ``results_root/<preset>`` for one preset, else
+    ``results_root/<last key part>+...``. Raises ``SweepError`` naming a bad flag."""
+    spec = from_arguments(args)
+    configs = resolve_arms(spec)
+    if args.out:
+        return spec, configs, pathlib.Path(args.out)
+    names = [s if "=" not in s else s.partition("=")[0].rsplit(".", 1)[-1] for s in args.sweep]
+    return spec, configs, results_root / "+".join(names)
 
 
 def from_arguments(args: argparse.Namespace) -> Sweep:

@@ -4,7 +4,7 @@ Everything is built by ``experiment.build_experiment``; this module only orders 
 multi-process start-up, restore or initialise, feed batches, log one step late (the device never
 waits for the host), evaluate, checkpoint, and stop cleanly on SIGTERM or a non-finite loss.
 
-Size: the four entry points (train, evaluate, predict, summary), the evaluation pass and the
+Size: the three entry points (train, evaluate, predict), the evaluation pass and the
 multi-process start-up share ``setup``, the checkpoint manager and the step bookkeeping, so they stay
 in one module of a little over 400 lines rather than being split away from their only callers.
 
@@ -485,29 +485,3 @@ def predict(
             paths, detect_fn, exp.image_size, class_names, output_dir, batch_size=batch_size,
             normalization=exp.model.config.normalization,
         )
-
-
-def summary(config: ml_collections.ConfigDict) -> str:
-    """Parameter table, counts and per-level output shapes at full size, via ``jax.eval_shape``
-    only (nothing is compiled or allocated)."""
-    validate_config(config)
-    exp = build_experiment(config)
-    state = exp.abstract_state
-    table = parameter_overview.get_parameter_overview(state.params, include_stats=False)
-    images = jax.ShapeDtypeStruct((1, exp.image_size, exp.image_size, 3), np.float32)
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    cls_out, box_out = jax.eval_shape(
-        lambda v, x: exp.model.apply(v, x, train=False), variables, images
-    )
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    from effdet_jax.summary import summarize
-
-    lines = [
-        table,
-        summarize(exp.model).format(),
-        f"model {config.model.name}: {n_params:,} parameters, input {exp.image_size}px",
-        "outputs per level (class, box): "
-        + ", ".join(f"{c.shape[1:]}/{b.shape[-1]}" for c, b in zip(cls_out, box_out, strict=True)),
-        f"train steps: {optimizer.total_steps(config.train)}, mesh {dict(exp.mesh.shape)}",
-    ]
-    return "\n".join(lines)

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import load_torch_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch_refs import load_torch_reference
 
 from effdet_jax.detection import box_coder
 from effdet_jax.detection.anchors import (

@@ -4,10 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_torch_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jax.sharding import NamedSharding, PartitionSpec
+from torch_refs import load_torch_reference
 
 from effdet_jax.detection.anchors import AnchorConfig, generate_anchors, num_anchors_per_level
 from effdet_jax.detection.losses import (

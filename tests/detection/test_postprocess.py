@@ -5,9 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_torch_reference
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch_refs import load_torch_reference
 
 from effdet_jax.detection.anchors import AnchorConfig, generate_anchors
 from effdet_jax.detection.postprocess import PostprocessConfig, nms, postprocess

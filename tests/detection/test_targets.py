@@ -5,7 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import load_torch_reference
+from torch_refs import load_torch_reference
 
 from effdet_jax.detection.anchors import AnchorConfig, generate_anchors
 from effdet_jax.detection.targets import (

@@ -23,13 +23,19 @@ _spec = importlib.util.spec_from_file_location("ablate", ROOT / "experiments" / 
 ablate = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(ablate)
 KEY = "config.model.fpn_weight_method"
+# The sweep test's key: an input-pipeline one, so both arms train the same compiled programs and
+# only the first run compiles (the others load them from the persistent cache); the runs and the
+# sweep's bookkeeping are the same as for a model key.
+SWEEP_KEY, ARMS = "config.data.hflip", ("true", "false")
 # 3 steps with an evaluation after each: 3 points per curve, enough for the convergence rule.
 SHORT = ["--set", "config.train.total_steps=3", "--set", "config.eval.every_steps=1",
          "--set", "config.log_every_steps=1"]
 
 
 def _run(script: str, *args: str, timeout: float = 1200) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           # One device: the runs test the sweep, not sharding (8 simulated devices cost threads).
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
     return subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout, env=env)
 
@@ -39,43 +45,48 @@ def _flat(path: pathlib.Path) -> dict:
 
 
 def test_sweep_over_a_config_key(tmp_path):
-    args = ["--sweep", f"{KEY}=sum,fastattn", "--seeds", "2", "--base", "configs/tiny.py",
+    base, other = ARMS
+    args = ["--sweep", f"{SWEEP_KEY}={base},{other}", "--seeds", "2", "--base", "configs/tiny.py",
             "--out", str(tmp_path), *SHORT]
     proc = _run("ablate.py", *args)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
     table = (tmp_path / "table.md").read_text()
-    assert "| sum | 2 |" in table and "| fastattn | 2 |" in table
-    assert "**fastattn − sum** over 2 paired seeds: AP " in table
+    assert f"| {base} | 2 |" in table and f"| {other} | 2 |" in table
+    assert f"**{other} − {base}** over 2 paired seeds: AP " in table
     assert "Cost not measured yet" in table
     for plot in ("ap50.png", "loss.png"):
         assert (tmp_path / plot).stat().st_size > 5000
 
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["baseline"] == "sum"
+    assert results["baseline"] == base
     runs = results["runs"]
-    assert [r["seed"] for r in runs["fastattn"]] == [0, 1]
+    assert [r["seed"] for r in runs[other]] == [0, 1]
     for arm_runs in runs.values():
         for r in arm_runs:
             assert [s for s, _ in r["curve_ap50"]] == [1, 2, 3]
             assert r["converged"] in (True, False) and [s for s, _ in r["curve_loss"]] == [1, 2, 3]
     # Intervals and the paired difference, recomputed from the per-run numbers with scipy.
     ap50 = {label: [r["ap50"] for r in rs] for label, rs in runs.items()}
-    mean_ci = scipy.stats.ttest_1samp(ap50["sum"], 0).confidence_interval(0.95)
-    assert results["arms"]["sum"]["stats"]["ap50"]["low"] == pytest.approx(mean_ci.low)
-    diff = results["arms"]["fastattn"]["vs_baseline"]["ap50"]
-    diff_ci = scipy.stats.ttest_rel(ap50["fastattn"], ap50["sum"]).confidence_interval(0.95)
+    mean_ci = scipy.stats.ttest_1samp(ap50[base], 0).confidence_interval(0.95)
+    assert results["arms"][base]["stats"]["ap50"]["low"] == pytest.approx(mean_ci.low)
+    diff = results["arms"][other]["vs_baseline"]["ap50"]
+    diff_ci = scipy.stats.ttest_rel(ap50[other], ap50[base]).confidence_interval(0.95)
     assert (diff["low"], diff["high"]) == pytest.approx((diff_ci.low, diff_ci.high))
     assert diff["n"] == 2 and diff["resolved"] == (diff_ci.low > 0 or diff_ci.high < 0)
-    assert "vs_baseline" not in results["arms"]["sum"]
+    assert "vs_baseline" not in results["arms"][base]
 
-    # The arms' resolved configs, and the configs the runs were made with, differ only in KEY.
-    key = KEY.removeprefix("config.")
-    arm_configs = [_flat(tmp_path / "configs" / f"{a}.json") for a in ("sum", "fastattn")]
+    # The arms' resolved configs, and the configs the runs were made with, differ only in the key.
+    key = SWEEP_KEY.removeprefix("config.")
+    arm_configs = [_flat(tmp_path / "configs" / f"{a}.json") for a in ARMS]
     assert sweep.differing_keys(*arm_configs) == [key]
-    assert arm_configs[1][key] == "fastattn" and arm_configs[1]["train.total_steps"] == 3
-    run_configs = [_flat(tmp_path / "runs" / f"{a}_seed0" / "config.json") for a in ("sum", "fastattn")]
+    assert arm_configs[1][key] is False and arm_configs[1]["train.total_steps"] == 3
+    run_configs = [_flat(tmp_path / "runs" / f"{a}_seed0" / "config.json") for a in ARMS]
     assert sweep.differing_keys(*run_configs) == [key]
+    # Every run after the first loads its train step from the persistent cache.
+    for run_dir in ("true_seed1", "false_seed0", "false_seed1"):
+        log = (tmp_path / "runs" / run_dir / "log.txt").read_text()
+        assert "train step ready after" in log and "loaded from the persistent compilation cache" in log
 
     # The same command again reuses every finished run (no training).
     again = _run("ablate.py", *args, timeout=120)
@@ -83,7 +94,7 @@ def test_sweep_over_a_config_key(tmp_path):
     assert again.stdout.count('"reused": true') == 4
     # A finished run is not mixed with another config (here: another run length) in its folder.
     changed = {**run_configs[0], "train.total_steps": 4}
-    arm = sweep.Arm("sum", ((key, "sum"),))
+    arm = sweep.Arm(base, ((key, base),))
     with pytest.raises(sweep.SweepError, match=r"config.train.total_steps differ\): give a new --out"):
         runs_lib.run(arm, 0, "configs/tiny.py", (), changed, tmp_path)
 
@@ -147,3 +158,20 @@ def test_cost_table_feeds_the_sweep_table(tmp_path):
 
     rows = "\n".join(report.cost_rows(cost, ["sum", "fastattn"]))
     assert f"| fastattn | {cost['arms']['fastattn']['params']:,} |" in rows
+
+
+def test_both_scripts_share_the_sweep_flags_and_results_folder(tmp_path):
+    """``ablate.py`` and ``cost.py`` parse the same flags into the same arms and folder, so
+    ``cost.json`` lands beside the sweep's ``table.md``."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    flags = ["--sweep", f"{KEY}=sum,fastattn", "--base", "configs/tiny.py"]
+    spec, configs, out = sweep.from_command_line(parser.parse_args(flags), tmp_path)
+    assert out == tmp_path / "fpn_weight_method" and list(configs) == ["sum", "fastattn"]
+    assert spec.baseline == "sum"
+    _, _, out = sweep.from_command_line(parser.parse_args([*flags, "--out", "/x/y"]), tmp_path)
+    assert out == pathlib.Path("/x/y")
+    with pytest.raises(sweep.SweepError, match="neither a preset"):
+        sweep.from_command_line(parser.parse_args(["--sweep", "fusoin"]), tmp_path)

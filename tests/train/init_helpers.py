@@ -1,13 +1,11 @@
 """Helpers of the ``config.init`` tests: checkpoints in automl's naming, COCO-json folders."""
 
 import json
-import os
 import pathlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import traverse_util
 from PIL import Image
 
@@ -63,18 +61,3 @@ def write_coco_folder(root: pathlib.Path, images: list[np.ndarray], boxes: list[
                                 "categories": categories}))
     return path, image_dir
 
-
-def torch_reference(name: str, required_key: str) -> dict[str, np.ndarray]:
-    """``tools/torch_reference/make_<name>.py``'s arrays, as ``tests/conftest.load_torch_reference``
-    (which ``tests/train`` cannot import by name: its own conftest shadows it); skips, or fails under
-    ``EFFDET_JAX_REQUIRE_REFS=1``, when the file or ``required_key`` is missing."""
-    root = pathlib.Path(os.environ.get("EFFDET_JAX_REFS",
-                                       pathlib.Path.home() / ".cache/effdet_jax/torch_refs"))
-    path = root / f"{name}.npz"
-    if not path.exists() or required_key not in np.load(path).files:
-        message = f"PyTorch reference {path} (with {required_key}) is missing: run `make refs`"
-        if os.environ.get("EFFDET_JAX_REQUIRE_REFS") == "1":
-            pytest.fail(message)
-        pytest.skip(message)
-    with np.load(path) as data:
-        return {k: data[k] for k in data.files}

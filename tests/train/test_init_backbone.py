@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 from flax import traverse_util
-from init_helpers import torch_reference
 from safetensors.numpy import save_file
+from torch_refs import load_torch_reference
 from train_helpers import tiny_config
 
 from effdet_jax.models.efficientnet import EfficientNet
@@ -20,7 +20,7 @@ TIMM = "tf_efficientnet_b0"
 
 @pytest.mark.torch_ref
 def test_backbone_from_timm_state_dict_gives_timm_features(tmp_path):
-    ref = torch_reference("timm_efficientnet", f"{TIMM}/features_8")
+    ref = load_torch_reference("timm_efficientnet", f"{TIMM}/features_8")
     prefix = f"{TIMM}/sd/"
     path = tmp_path / f"{TIMM}.safetensors"
     save_file({k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}, str(path))

@@ -9,8 +9,8 @@ import jax
 import numpy as np
 import pytest
 from flax import traverse_util
-from init_helpers import torch_reference
 from safetensors.numpy import save_file
+from torch_refs import load_torch_reference
 from train_helpers import tiny_config
 
 from configs import d0
@@ -58,7 +58,7 @@ def test_automl_tf1_tf2_and_npz_agree(automl_reference, d0_experiment, tmp_path)
 
 @pytest.mark.torch_ref
 def test_effdet_safetensors(d0_experiment, tmp_path):
-    ref = torch_reference("effdet_models", "tf_efficientdet_d0/input")
+    ref = load_torch_reference("effdet_models", "tf_efficientdet_d0/input")
     prefix = "tf_efficientdet_d0/sd/"
     sd = {k[len(prefix):]: v for k, v in ref.items() if k.startswith(prefix)}
     save_file(sd, str(tmp_path / "d0.safetensors"))

@@ -2,9 +2,10 @@
 at a reduced image size.
 
 Compiling a full B1-B7 train step costs XLA:CPU many minutes and d7x's more memory than the 2-core
-CI machine has (compile times and memory in benchmarks/RESULTS.md), so the default suite runs d0's
-step and lowers (traces and shards, no compile) d1, d4 and d7x; ``-m slow`` (``make test-all``)
-runs the step of every config. On a one-GPU machine the same tests run over a one-device mesh."""
+CI machine has (compile times and memory in benchmarks/RESULTS.md), so the default suite runs the
+step of d0's config with a thin model (``THIN``) and lowers (traces and shards, no compile) d1, d4
+and d7x; ``-m slow`` (``make test-all``) runs the step of every config, d0 included. On a one-GPU
+machine the same tests run over a one-device mesh."""
 
 import importlib
 import re
@@ -22,11 +23,21 @@ from effdet_jax.train.config_validation import validate_config
 from effdet_jax.train.train_step import TRAIN_KEYS
 
 NAMES = ("d0", "d1", "d2", "d3", "d4", "d5", "d6", "d7", "d7x")
-# The smallest legal input for P8.
-REDUCED_SIZE = {"d7x": 256}
+# configs/d0.py (its optimizer, loss, EMA and sharding rules) with configs/tiny.py's thin model at
+# 64 px: the default suite's sharded train step; the full-width d0 step (minutes of XLA:CPU compile
+# on 2 cores) runs with the slow tests.
+THIN = "d0_thin"
+# The smallest legal input for P8; tiny's P3-P5 model at tiny's size.
+REDUCED_SIZE = {"d7x": 256, THIN: 64}
 
 
 def _config(name: str):
+    if name == THIN:
+        from configs import tiny
+
+        config = _config("d0")
+        config.model.overrides = tiny.get_config().model.overrides
+        return config
     return importlib.import_module(f"configs.{name}").get_config()
 
 
@@ -49,7 +60,8 @@ def _reduced(name: str):
     config.model.image_size = REDUCED_SIZE.get(name, 128)
     config.train.batch_size = 8
     config.mesh.fsdp = True  # shard the large kernels along `data` as well
-    config.mesh.shard_min_size = 2**16
+    # The thin model's largest kernels have ~10**4 elements: a lower threshold still shards them.
+    config.mesh.shard_min_size = 2**10 if name == THIN else 2**16
     # 8 simulated CPU devices here (conftest); one device where the slow steps run on a GPU.
     validate_config(config, num_devices=jax.device_count())
     return config
@@ -85,13 +97,13 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive
 
 
 @pytest.mark.parametrize(
-    "name", [n if n == "d0" else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
+    "name", [THIN, *(pytest.param(n, marks=pytest.mark.slow) for n in NAMES)]
 )
 def test_one_sharded_train_step_at_reduced_size(name):
     """The config's own model, optimizer and loss, FSDP-sharded over 8 devices: one step runs,
     its loss is finite, and the parameters move."""
     config = _reduced(name)
-    if name != "d0":  # XLA's plain ops (the GPU/TPU program) compile in half the time on CPU
+    if name not in ("d0", THIN):  # XLA's plain ops (the GPU/TPU program): half the CPU compile time
         config.model.overrides.cpu_kernels = "off"
     exp = experiment.build_experiment(config)
     state = exp.init_state()
@@ -99,7 +111,7 @@ def test_one_sharded_train_step_at_reduced_size(name):
     host = random_batch(8, exp.image_size, config.model.num_classes, seed=0)
     with jax.set_mesh(exp.mesh):
         batch = batches.host_batch_to_global(host, exp.batch_sharding, TRAIN_KEYS)
-        if name == "d0":
+        if name in ("d0", THIN):
             step = exp.train_step
         else:
             options = FAST_COMPILE if jax.default_backend() == "cpu" else None

@@ -14,7 +14,7 @@ from train_helpers import ROOT
 
 
 def test_summary_prints_d0_parameters_and_flops(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPROFILEIMPORTTIME="1")
     run = subprocess.run(
         [sys.executable, str(ROOT / "main.py"), "--config=configs/d0.py", f"--workdir={tmp_path}",
          "--mode=summary"],
@@ -30,3 +30,6 @@ def test_summary_prints_d0_parameters_and_flops(tmp_path):
     assert abs(int(automl_flops.group(1).replace(",", "")) / 2.551e9 - 1) < 1e-3
     # The per-level output shapes a user reads: 90 classes x 9 anchors and 4 x 9 box channels.
     assert "(64, 64, 810)/36" in out and "(4, 4, 810)/36" in out
+    imported = re.findall(r"^import time:.*\|\s*(\S+)$", run.stderr, re.MULTILINE)
+    assert "jax" in imported and "flax" in imported, run.stderr[-3000:]
+    assert not [m for m in imported if m.split(".")[0] in ("tensorflow", "tensorflow_datasets")]
