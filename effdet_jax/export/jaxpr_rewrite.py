@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -87,6 +88,15 @@ def _is_unrolled_scan(eqn: Any) -> bool:
     return unroll is True or (not isinstance(unroll, bool) and unroll >= eqn.params["length"])
 
 
+def _step_slice(x: Any, i: int) -> Any:
+    """Step ``i`` of a scanned operand: a constant (the stacked weights of a layer stack) is
+    sliced here, so each unrolled layer holds its own weights as a plain constant, as an unscanned
+    model does, rather than a slice of a stacked constant; a traced value with ``index_in_dim``."""
+    if isinstance(x, jax.core.Tracer):
+        return lax.index_in_dim(x, i, keepdims=False)
+    return np.asarray(x)[i]
+
+
 def _unroll_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     """A ``scan`` as its body applied once per step: ``consts, carry, xs -> carry, ys`` (the
     operand and result groups as ``lax``'s own ``_scan_impl`` reads them)."""
@@ -95,8 +105,7 @@ def _unroll_scan(eqn: Any, invals: list[Any]) -> list[Any]:
     consts, carry, xs = (list(g) for g in params["ft_in"].update(invals).unpack())
     ys: list[list[Any]] = [[] for _ in range(length)]
     for i in (reversed(range(length)) if params["reverse"] else range(length)):
-        outs = _eval(body.jaxpr, body.consts,
-                     [*consts, *carry, *(lax.index_in_dim(x, i, keepdims=False) for x in xs)])
+        outs = _eval(body.jaxpr, body.consts, [*consts, *carry, *(_step_slice(x, i) for x in xs)])
         carry, ys[i] = (list(g) for g in params["ft_out"].update(outs).unpack())
     return [*carry, *(jnp.stack(step) for step in zip(*ys, strict=True))]
 

@@ -7,8 +7,9 @@ path: raw outputs against the model as training and evaluation run it (CPU kerne
 detections against the same network on XLA's ops (``cpu_kernels="off"``), see ``_check_formats``.
 Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the tiny model's
 detections are compared in ``tests/train/test_export_cli.py``); D0's detections, its dynamic
-batch (StableHLO and ONNX at batch 1 and 7) and the full-size matrix (D0, lite0, D0
-channel_attn) are marked ``slow``.
+batch (StableHLO and ONNX at batch 1 and 7), the full-size matrix (D0, lite0, D0
+channel_attn) and its SavedModel / LiteRT cells (raw outputs, converted by onnx2tf: ``make
+onnx2tf``) are marked ``slow``.
 """
 
 import dataclasses

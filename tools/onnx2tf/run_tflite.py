@@ -26,7 +26,7 @@ def main() -> None:
     images = np.load(args.images)
     runner = Interpreter(model_path=args.model).get_signature_runner()
     ((input_name, detail),) = runner.get_input_details().items()
-    batch = int(detail["shape"][0])
+    batch = int(detail["shape_signature"][0])  # -1: a dynamic batch
     if batch < 1 or batch == len(images):
         outputs = runner(**{input_name: images})
     else:
