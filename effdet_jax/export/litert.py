@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -69,10 +70,7 @@ def convert(
         raise ValueError("int8 LiteRT needs calibration images (uint8 [N, H, W, 3])")
     with tempfile.TemporaryDirectory(dir=output_dir) as work:
         # (``-coion``, which renames the outputs after conversion, mixes up outputs of one shape.)
-        # ``-dsm``: no strict-mode accuracy correction, which runs the network op by op on dummy
-        # data and holds every activation (over 11 GB for D0 at 512 px); every written file is
-        # checked against JAX instead.
-        args = [str(bin_dir / "onnx2tf"), "-i", onnx_path, "-o", work, "-kat", "images", "-n", "-dsm"]
+        args = [str(bin_dir / "onnx2tf"), "-i", onnx_path, "-o", work, "-kat", "images", "-n"]
         if savedmodel_path or dtype != "float32":
             # The SavedModel and the float16 / int8 files come from TensorFlow's converter; the
             # default flatbuffer_direct backend writes float32 LiteRT only (its float16 file keeps
@@ -82,6 +80,12 @@ def convert(
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                "CUDA_VISIBLE_DEVICES": ""}
         done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+        if done.returncode == -signal.SIGKILL:
+            # Killed for memory: strict mode runs the network op by op on dummy data and holds
+            # every activation (over 11 GB for D0 at 512 px). ``-dsm`` skips that accuracy
+            # correction; every written file is checked against JAX either way.
+            done = subprocess.run([*args, "-dsm"], capture_output=True, text=True,
+                                  timeout=TIMEOUT_S, env=env)
         stem = pathlib.Path(onnx_path).stem
         tflite = os.path.join(work, stem + TFLITE_SUFFIX[dtype] + ".tflite")
         if done.returncode == 0 and dtype == "int8":
