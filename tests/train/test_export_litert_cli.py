@@ -111,7 +111,14 @@ def test_savedmodel_and_litert_with_nms_match_jax(trained, tmp_path, method):
     assert reference[3].min() >= 20  # 20 real detections per image are compared
     for fmt in ("savedmodel", "tflite"):
         assert f"{fmt}: {out}" in run.stdout
-        got = formats.run(fmt, str(out / manifest["files"][fmt]), images, serving.NMS_OUTPUTS)
+        path = str(out / manifest["files"][fmt])
+        if fmt == "tflite":
+            # LiteRT's builtin kernels: XNNPACK's (the default) differ from TF's by float32 ulps,
+            # which reorder the near-tied scores of this barely trained model (all near the
+            # 0.01 prior): 5 of 40 rows swapped, the SavedModel's own outputs 1e-8 apart.
+            got = litert.run_tflite(path, images, serving.NMS_OUTPUTS, delegates=False)[0]
+        else:
+            got = formats.run(fmt, path, images, serving.NMS_OUTPUTS)
         assert [g.shape for g in got] == [r.shape for r in reference], fmt
         diff = parity.detection_differences(reference, got, top_k=20)
         print(f"{method} {fmt}: {diff}")
