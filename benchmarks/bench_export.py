@@ -5,7 +5,8 @@ Rows per model: ``jax`` (the model as evaluation runs it: CPU kernels on, jitted
 normalisation inside), ``stablehlo`` (the exported plain-XLA graph, ``jax.export.deserialize``),
 ``onnx`` (onnxruntime, CPU provider, default threads) and, for raw outputs, ``tflite`` (float32
 LiteRT converted from the ONNX file by onnx2tf, ``ai_edge_litert`` with its default XNNPACK
-delegate, in the onnx2tf venv: ``make onnx2tf``). Raw outputs and with NMS. Weights are
+delegate, in the onnx2tf venv: ``make onnx2tf``), and with ``--files`` already exported
+SavedModel (TensorFlow, this process) / LiteRT files. Raw outputs and with NMS. Weights are
 random (latency does not depend on them, but NMS work does a little); each case is timed
 ``--repeats`` times after warm-up, compilation / session creation excluded.
 
@@ -44,6 +45,12 @@ def main() -> None:
     parser.add_argument("--model", default="efficientdet-d0")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--files", default="",
+                        help="already exported raw-output files of this model and size to time "
+                             "too, FORMAT:PATH,... (savedmodel:DIR/saved_model, "
+                             "tflite:DIR/model.tflite), e.g. from --mode=export")
+    parser.add_argument("--nms", default="both", choices=("both", "raw"),
+                        help="'raw': the raw-output cases only")
     parser.add_argument("--runtimes", default="tflite",
                         help="extra runtimes: 'tflite' (needs `make onnx2tf`; raw outputs only, "
                              "LiteRT takes no NMS loop) or ''")
@@ -53,7 +60,7 @@ def main() -> None:
     images = check_images(1, args.image_size, args.image_size)
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for with_nms in (False, True):
+        for with_nms in (False, True) if args.nms == "both" else (False,):
             pp = PostprocessConfig() if with_nms else None
             names = serving.output_names(model, with_nms)
             plain_fn = serving.make_serving_fn(model, variables, pp)
@@ -72,6 +79,12 @@ def main() -> None:
                 path = formats.write_converted(["tflite"], onnx_path, tmp)["tflite"]
                 sizes["tflite"] = f"{os.path.getsize(path) / 2**20:.1f} MiB"
                 cases["tflite"] = _litert_case(path, names, args.image_size, args.repeats)
+            for spec in [f for f in args.files.split(",") if f] if not with_nms else []:
+                fmt, path = spec.split(":", 1)
+                key = f"{fmt} (file)"
+                sizes[key] = f"{_size_mib(path):.1f} MiB"
+                cases[key] = (_litert_case(path, names, args.image_size, args.repeats)
+                              if fmt == "tflite" else _savedmodel_runner(path))
             for name, fn in cases.items():
                 if isinstance(fn, dict):  # measured in another process
                     r = dict(fn)
@@ -112,6 +125,22 @@ def _litert_case(path: str, names, size: int, repeats: int) -> dict:
     times = [float(t) for t in times]
     return {"median_ms": float(np.median(times)), "min_ms": min(times), "max_ms": max(times),
             "runs": len(times), "times_ms": [round(t, 3) for t in times]}
+
+
+def _size_mib(path: str) -> float:
+    if os.path.isdir(path):
+        return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file()) / 2**20
+    return os.path.getsize(path) / 2**20
+
+
+def _savedmodel_runner(path: str):
+    """The SavedModel's ``serving_default`` in TensorFlow (this process), eager call."""
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    shape = signature.structured_input_signature[1]["images"].shape
+    images = tf.constant(check_images(1, shape[1], shape[2]))
+    return lambda: [x.numpy() for x in signature(images=images).values()]
 
 
 def _runner(fmt: str, path: str, names):

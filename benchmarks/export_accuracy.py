@@ -70,9 +70,11 @@ def main(argv) -> None:
                 raw = reference
             else:
                 fmt, path = spec.split(":", 1)
-                # The files take batch 1: one image at a time.
-                rows = [formats.run(fmt, path, images[i:i + 1], names) for i in range(len(images))]
-                raw = [np.concatenate([r[j] for r in rows]) for j in range(len(names))]
+                if fmt == "tflite":  # one LiteRT process per eval batch, one image at a time inside
+                    raw = formats.run(fmt, path, images, names)
+                else:  # the files take batch 1: one image at a time
+                    rows = [formats.run(fmt, path, images[i:i + 1], names) for i in range(len(images))]
+                    raw = [np.concatenate([r[j] for r in rows]) for j in range(len(names))]
                 worst[key] = max(worst[key], parity.raw_relative_error(reference, raw))
             evaluators[key].add_batch(batch, tuple(np.asarray(d) for d in detect(tuple(raw))))
     results = {}

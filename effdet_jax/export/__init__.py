@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from effdet_jax.detection.postprocess import PostprocessConfig
-from effdet_jax.export import formats, graph_check, parity, serving
+from effdet_jax.export import formats, graph_check, parity, serving, tf_nms
 from effdet_jax.export.options import FORMATS, ExportOptions, parse_options
 
 __all__ = ["FORMATS", "ExportOptions", "ExportResult", "check_images", "export_model", "parse_options"]
@@ -46,11 +46,11 @@ def check_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarr
 
 
 def _convert_from_onnx(converted, fn, spec, output_dir, names, written, options, calibration):
-    """``savedmodel`` / ``tflite`` from the written ONNX file, or from one written for them in a
-    temporary folder when ``onnx`` was not asked for."""
-    if options.with_nms or "onnx" in written:  # (with NMS the converter refuses before reading)
-        return formats.write_converted(converted, written.get("onnx", ""), output_dir, options.dtype,
-                                       calibration, options.with_nms)
+    """``savedmodel`` / ``tflite`` (raw outputs) from the written ONNX file, or from one written
+    for them in a temporary folder when ``onnx`` was not asked for."""
+    if "onnx" in written:
+        return formats.write_converted(converted, written["onnx"], output_dir, options.dtype,
+                                       calibration)
     with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
         onnx_path = formats.write("onnx", fn, spec, tmp, names)
         return formats.write_converted(converted, onnx_path, output_dir, options.dtype, calibration)
@@ -102,8 +102,12 @@ def export_model(
     converted = [f for f in options.formats if f in formats.CONVERTED]
     if converted:
         try:
-            written.update(_convert_from_onnx(converted, fn, spec, output_dir, names, written,
-                                              options, calibration))
+            if options.with_nms:  # TF's NMS around the raw outputs' SavedModel
+                written.update(tf_nms.convert_with_nms(converted, model, variables, options,
+                                                       postprocess_config, output_dir))
+            else:
+                written.update(_convert_from_onnx(converted, fn, spec, output_dir, names, written,
+                                                  options, calibration))
         except formats.FormatUnavailableError as e:
             unavailable.update({fmt: str(e) for fmt in converted})
     for fmt in [f for f in options.formats if f in written]:

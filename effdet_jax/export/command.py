@@ -53,13 +53,14 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, output_dir: str)
     from effdet_jax.train import trainer
 
     options = parse_options(config.export)  # before anything is restored or compiled
+    postprocess_config = PostprocessConfig(**config.eval.postprocess.to_dict())
     exp, variables = trainer.inference_variables(config, workdir)
     variables = jax.device_get(variables)
     calibration = None
     if options.dtype == "int8":
         calibration = calibration_images(config, exp.image_size)
     result = export_model(exp.model, variables, options,
-                          PostprocessConfig(**config.eval.postprocess.to_dict()), output_dir,
+                          postprocess_config, output_dir,
                           calibration=calibration)
     for line in summary_lines(result):
         print(line)

@@ -5,7 +5,8 @@
 * ``savedmodel`` and ``tflite``: converted from the ONNX file by onnx2tf in its own venv
   (:mod:`effdet_jax.export.litert`): a SavedModel of plain TF ops with a ``serving_default``
   signature, run with TensorFlow, and a LiteRT file (float32, float16 or int8), run with
-  ``ai_edge_litert``. (``jax2tf`` would embed the StableHLO in one ``XlaCallModule`` op, which
+  ``ai_edge_litert``; with NMS, TF's own NMS ops around the raw outputs
+  (:mod:`effdet_jax.export.tf_nms`). (``jax2tf`` would embed the StableHLO in one ``XlaCallModule`` op, which
   TensorFlow 2.21 cannot read from jax 0.12: its XLA takes StableHLO up to v1.13.7, jax writes
   v1.18; TF's LiteRT converter cannot lower that op either.)
 
@@ -94,26 +95,18 @@ def write_converted(
     output_dir: str,
     dtype: str = "float32",
     calibration: np.ndarray | None = None,
-    with_nms: bool = False,
 ) -> dict[str, str]:
     """``savedmodel`` and / or ``tflite`` (``wanted``) converted from the ONNX file by onnx2tf in
     one run (:mod:`effdet_jax.export.litert`); returns format -> written path. ``dtype`` applies
     to the LiteRT file (the SavedModel is float32); ``int8`` calibrates on ``calibration``.
-    ``with_nms`` (the ONNX file holds the NMS loop) is refused before converting."""
+    Raw outputs only (onnx2tf cannot convert the ONNX file's NMS loop); with NMS,
+    ``tf_nms.convert_with_nms`` wraps the raw SavedModel in TF's NMS."""
     from effdet_jax.export import litert
 
     try:
         litert.venv_python()
     except litert.ConverterMissingError as e:
         raise FormatUnavailableError(f"{', '.join(wanted)}: {e}") from e
-    if with_nms:
-        raise FormatUnavailableError(
-            f"{', '.join(wanted)}: not with NMS inside: onnx2tf 2.6 cannot convert the NMS loop "
-            "(ONNX Loop; its TensorFlow backend fails on it, its direct LiteRT file fails at run time "
-            "in GATHER_ND); export with --config.export.with_nms=false and apply "
-            "effdet_jax.detection.postprocess to the raw outputs"
-        )
-
     paths = {fmt: os.path.join(output_dir, FILE_NAMES[fmt]) for fmt in wanted}
     try:
         litert.convert(onnx_path, output_dir, savedmodel_path=paths.get("savedmodel"),

@@ -8,7 +8,11 @@ equivalent primitives (same values), for the ONNX export only.
   jax2onnx emits an ONNX ``MaxPool`` over all 4 dimensions of ``[batch, height, width,
   channels]``, which onnxruntime rejects ("Unsupported pooling size"). Max is exact, so the
   slices give the same values; ``SAME`` padding repeats the edges (see
-  :func:`max_pool_by_slices`), so a symbolic batch converts too.
+  :func:`max_pool_by_slices`), so a symbolic batch converts too;
+* a ``scan`` marked fully unrolled (``unroll >= length``: the layer stacks of a model with
+  ``layer_loop="unrolled"``, as ``serving.plain_model`` builds it) becomes its body applied
+  ``length`` times: jax2onnx writes every scan as an ONNX ``Loop``, which onnx2tf cannot convert.
+  Other scans (the NMS loop) stay loops.
 
 Control-flow bodies (``scan`` / ``while`` / ``cond``) are rewritten the same way.
 """
@@ -21,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.extend import core as jcore
 
@@ -76,6 +81,35 @@ def _rewrite_max_pool(eqn: Any, invals: list[Any]) -> list[Any] | None:
                                tuple(params["window_strides"]), tuple(params["padding"]))]
 
 
+def _is_unrolled_scan(eqn: Any) -> bool:
+    if eqn.primitive.name != "scan":
+        return False
+    unroll = eqn.params["unroll"]
+    return unroll is True or (not isinstance(unroll, bool) and unroll >= eqn.params["length"])
+
+
+def _step_slice(x: Any, i: int) -> Any:
+    """Step ``i`` of a scanned operand: a constant (the stacked weights of a layer stack) is
+    sliced here, so each unrolled layer holds its own weights as a plain constant, as an unscanned
+    model does, rather than a slice of a stacked constant; a traced value with ``index_in_dim``."""
+    if isinstance(x, jax.core.Tracer):
+        return lax.index_in_dim(x, i, keepdims=False)
+    return np.asarray(x)[i]
+
+
+def _unroll_scan(eqn: Any, invals: list[Any]) -> list[Any]:
+    """A ``scan`` as its body applied once per step: ``consts, carry, xs -> carry, ys`` (the
+    operand and result groups as ``lax``'s own ``_scan_impl`` reads them)."""
+    params = eqn.params
+    body, length = params["jaxpr"], params["length"]
+    consts, carry, xs = (list(g) for g in params["ft_in"].update(invals).unpack())
+    ys: list[list[Any]] = [[] for _ in range(length)]
+    for i in (reversed(range(length)) if params["reverse"] else range(length)):
+        outs = _eval(body.jaxpr, body.consts, [*consts, *carry, *(_step_slice(x, i) for x in xs)])
+        carry, ys[i] = (list(g) for g in params["ft_out"].update(outs).unpack())
+    return [*carry, *(jnp.stack(step) for step in zip(*ys, strict=True))]
+
+
 def _rewrite_body(body: Any) -> Any:
     """A control-flow body (a closed jaxpr) with the rewrites applied, same inputs and outputs."""
     specs = [jax.ShapeDtypeStruct(v.aval.shape, v.aval.dtype, weak_type=v.aval.weak_type)
@@ -107,6 +141,8 @@ def _eval(jaxpr: Any, consts: Any, args: Any) -> list[Any]:
             outs = _eval(sub.jaxpr, sub.consts, invals)
         elif eqn.primitive.name == "reduce_window_max":
             outs = _rewrite_max_pool(eqn, invals)
+        elif _is_unrolled_scan(eqn):
+            outs = _unroll_scan(eqn, invals)
         if outs is None:
             params = {k: _rewrite_param(v) for k, v in eqn.params.items()}
             outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(params))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -79,6 +80,12 @@ def convert(
         env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
                "CUDA_VISIBLE_DEVICES": ""}
         done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
+        if done.returncode == -signal.SIGKILL:
+            # Killed for memory: strict mode runs the network op by op on dummy data and holds
+            # every activation (over 11 GB for D0 at 512 px). ``-dsm`` skips that accuracy
+            # correction; every written file is checked against JAX either way.
+            done = subprocess.run([*args, "-dsm"], capture_output=True, text=True,
+                                  timeout=TIMEOUT_S, env=env)
         stem = pathlib.Path(onnx_path).stem
         tflite = os.path.join(work, stem + TFLITE_SUFFIX[dtype] + ".tflite")
         if done.returncode == 0 and dtype == "int8":
@@ -128,16 +135,18 @@ def outputs_in_order(outputs: dict, names: Sequence[str]) -> list:
     return [outputs[k] for k in keys]
 
 
-def run_tflite(path: str, images: np.ndarray, names: Sequence[str], repeats: int = 0
-               ) -> tuple[list[np.ndarray], np.ndarray | None]:
+def run_tflite(path: str, images: np.ndarray, names: Sequence[str], repeats: int = 0,
+               delegates: bool = True) -> tuple[list[np.ndarray], np.ndarray | None]:
     """Runs ``path`` with LiteRT in the onnx2tf venv on uint8 ``images``; returns the outputs in
-    ``names`` order and, with ``repeats``, the latency of each timed run in ms."""
+    ``names`` order and, with ``repeats``, the latency of each timed run in ms. ``delegates``
+    ``False``: LiteRT's builtin kernels without its default XNNPACK delegate."""
     python = venv_python()
     with tempfile.TemporaryDirectory() as tmp:
         inputs, outputs = os.path.join(tmp, "images.npy"), os.path.join(tmp, "outputs.npz")
         np.save(inputs, images)
         done = subprocess.run([str(python), str(RUN_TFLITE), path, inputs, outputs,
-                               f"--repeats={repeats}"], capture_output=True, text=True,
+                               f"--repeats={repeats}", *([] if delegates else ["--no-delegates"])],
+                              capture_output=True, text=True,
                               timeout=TIMEOUT_S)
         if done.returncode != 0:
             raise RuntimeError(f"LiteRT failed on {path}:\n{done.stderr[-3000:]}")

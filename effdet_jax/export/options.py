@@ -88,6 +88,30 @@ def parse_input_size(text: str) -> tuple[int, int] | None:
     return height, width
 
 
+def nms_unsupported_reason(config, batch_size: int | None, dtype: str = "float32"
+                       ) -> str | None:
+    """Why a SavedModel / LiteRT file with NMS (``export.tf_nms``: TensorFlow's
+    ``NonMaxSuppressionV5``) cannot be written for ``config`` (a ``PostprocessConfig`` or
+    ``config.eval.postprocess``), ``batch_size`` (``None``: dynamic) and LiteRT ``dtype``; else
+    ``None``."""
+    if dtype != "float32":
+        return (f"config.export.dtype={dtype!r} LiteRT files are written with raw outputs only "
+                "(TF's NMS takes float32 boxes and scores): use --config.export.with_nms=false and "
+                "apply effdet_jax.detection.postprocess to the raw outputs")
+    if config.method == "soft_linear":
+        return ("eval.postprocess.method='soft_linear' has no TensorFlow / LiteRT equivalent "
+                "(NonMaxSuppressionV5 offers hard and Gaussian soft-NMS): use "
+                "--config.eval.postprocess.method=hard or soft_gaussian, or with_nms=false")
+    if config.per_class:
+        return ("eval.postprocess.per_class=True is not built with TF's NMS (NonMaxSuppressionV5 "
+                "is class-agnostic; combined_non_max_suppression is hard-NMS only and LiteRT has no "
+                "builtin for it): use --config.eval.postprocess.per_class=false, or with_nms=false")
+    if batch_size is None:
+        return ("with NMS the SavedModel / LiteRT file needs a fixed batch (TF's NMS takes one "
+                "image; a dynamic batch would need a While loop): use --config.export.batch_size=N")
+    return None
+
+
 def parse_options(export_cfg) -> ExportOptions:
     """:class:`ExportOptions` from ``config.export``; raises ``ValueError`` naming the fix."""
     formats = parse_formats(export_cfg.formats)

@@ -31,8 +31,10 @@ NMS_OUTPUTS = ("boxes", "scores", "classes", "valid")
 
 def plain_model(model: EfficientDet) -> EfficientDet:
     """``model`` with XLA's own ops on every platform (no FFI kernels, no ``platform_dependent``
-    branches), float32 and without remat: the graph an exported file holds."""
-    config = dataclasses.replace(model.config, cpu_kernels="off", dtype="float32", remat=False)
+    branches), float32, without remat and with its layer stacks unrolled (no loop a converter
+    must take): the graph an exported file holds."""
+    config = dataclasses.replace(model.config, cpu_kernels="off", dtype="float32", remat=False,
+                                 layer_loop="unrolled")
     return EfficientDet(config)
 
 

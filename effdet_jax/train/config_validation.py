@@ -15,6 +15,7 @@ from effdet_jax.data.config import known_num_classes, validate_data_config
 from effdet_jax.data.report import ON_BAD_DATA
 from effdet_jax.detection.losses import IOU_LOSS_TYPES, LossConfig
 from effdet_jax.detection.postprocess import CANDIDATE_MODES, NMS_METHODS, PostprocessConfig
+from effdet_jax.export.options import nms_unsupported_reason
 from effdet_jax.export.options import parse_options as parse_export_options
 from effdet_jax.models import model_config
 from effdet_jax.models.bifpn import FUSION_METHODS
@@ -149,9 +150,15 @@ def validate_config(
             raise ConfigError(f"config.{key}: {e}") from None
 
     try:
-        parse_export_options(config.export)
+        export = parse_export_options(config.export)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    converted = [f for f in export.formats if f in ("savedmodel", "tflite")]
+    if export.with_nms and converted:
+        reason = nms_unsupported_reason(config.eval.postprocess, export.batch_size,
+                                        export.dtype if "tflite" in converted else "float32")
+        if reason:
+            raise ConfigError(f"config.export.formats={config.export.formats!r} with NMS: {reason}")
 
     choices = model_choices()
     for key, allowed in choices.items():

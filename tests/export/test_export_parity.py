@@ -7,11 +7,15 @@ path: raw outputs against the model as training and evaluation run it (CPU kerne
 detections against the same network on XLA's ops (``cpu_kernels="off"``), see ``_check_formats``.
 Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the tiny model's
 detections are compared in ``tests/train/test_export_cli.py``); D0's detections, its dynamic
-batch (StableHLO and ONNX at batch 1 and 7) and the full-size matrix (D0, lite0, D0
-channel_attn) are marked ``slow``.
+batch (StableHLO and ONNX at batch 1 and 7), the full-size matrix (D0, lite0, D0
+channel_attn) and its SavedModel / LiteRT cells (raw outputs, converted by onnx2tf: ``make
+onnx2tf``) are marked ``slow``.
 """
 
 import dataclasses
+import os
+import pathlib
+import time
 
 import jax
 import numpy as np
@@ -146,3 +150,34 @@ def test_exported_graph_is_plain_xla(automl_reference):
 def test_full_size_matrix(automl_reference, tmp_path, key, with_nms):
     model, variables = _model_and_variables(automl_reference, key)
     _check_formats(model, variables, tmp_path, with_nms=with_nms, batch=1)
+
+
+def _size_mib(path: str) -> float:
+    """Size of a file, or of every file under a folder (a SavedModel), in MiB."""
+    if os.path.isdir(path):
+        return sum(p.stat().st_size for p in pathlib.Path(path).rglob("*") if p.is_file()) / 2**20
+    return os.path.getsize(path) / 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", list(MODELS))
+def test_full_size_savedmodel_and_litert_raw(automl_reference, tmp_path, key):
+    """The README table's SavedModel / LiteRT cells: float32 raw outputs of each full-size model,
+    converted from the ONNX file by onnx2tf (minutes per model), run in TensorFlow and LiteRT on
+    the same uint8 images as JAX, within 1e-4 of the output scale; prints parity and file sizes."""
+    from effdet_jax.export import litert
+
+    try:
+        litert.venv_python()
+    except litert.ConverterMissingError as e:
+        if os.environ.get("EFFDET_JAX_REQUIRE_ONNX2TF") == "1":
+            pytest.fail(str(e))
+        pytest.skip(str(e))
+    model, variables = _model_and_variables(automl_reference, key)
+    start = time.perf_counter()
+    result = _check_formats(model, variables, tmp_path, with_nms=False,
+                            fmts=("savedmodel", "tflite"), batch=1)
+    for fmt, path in result.written.items():
+        print(f"{key} {serving.image_size(model)[0]} {fmt}: {_size_mib(path):.1f} MiB, "
+              f"raw_relative {result.parity[fmt]['raw_relative']:.2e}")
+    print(f"{key}: export + conversion + checks {time.perf_counter() - start:.0f} s")

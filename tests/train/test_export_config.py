@@ -39,3 +39,25 @@ def test_bad_export_values_fail_naming_key_and_fix(key, value, expected):
         validate_config(config)
     message = str(info.value)
     assert f"config.export.{key}" in message and expected in message, message
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, expected",
+    [
+        (["--config.eval.postprocess.method=soft_linear"], "method=hard"),
+        (["--config.eval.postprocess.per_class=true"], "per_class=false"),
+        (["--config.export.batch_size=dynamic"], "batch_size=N"),
+        (["--config.export.dtype=int8"], "with_nms=false"),
+    ],
+)
+def test_nms_in_savedmodel_or_litert_refuses_what_tf_cannot_do(flags, expected):
+    """SavedModel / LiteRT with NMS (TF's NonMaxSuppressionV5) fail validation, before anything is
+    compiled, for the options TF's op has no equivalent of; the same options pass with raw outputs."""
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.formats=stablehlo,tflite",
+                    *flags)
+    with pytest.raises(ConfigError) as info:
+        validate_config(config)
+    assert "with NMS" in str(info.value) and expected in str(info.value), str(info.value)
+    config.export.with_nms = False
+    validate_config(config)

@@ -1,18 +1,20 @@
 """Runs a .tflite file with LiteRT (``ai_edge_litert``) on uint8 images; executed by the onnx2tf
 venv's Python (``effdet_jax/export/litert.py``), so it imports only numpy and ai_edge_litert.
 
-    python run_tflite.py MODEL.tflite IMAGES.npy OUT.npz [--repeats=N]
+    python run_tflite.py MODEL.tflite IMAGES.npy OUT.npz [--repeats=N] [--no-delegates]
 
-``IMAGES.npy``: uint8 ``[B, H, W, 3]``. Writes every output of the model's default signature to
-``OUT.npz`` under its name, and ``__latency_ms__`` (one value per repeat, after one warm-up) when
-``--repeats`` is given.
+``IMAGES.npy``: uint8 ``[B, H, W, 3]``; a file with a fixed batch ``b`` dividing ``B`` runs on
+``b`` images at a time (outputs concatenated), in this one process. Writes every output of the
+model's default signature to ``OUT.npz`` under its name, and ``__latency_ms__`` (one value per
+repeat, after one warm-up) when ``--repeats`` is given. ``--no-delegates``: LiteRT's builtin
+kernels without its default XNNPACK delegate.
 """
 
 import argparse
 import time
 
 import numpy as np
-from ai_edge_litert.interpreter import Interpreter
+from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
 
 def main() -> None:
@@ -21,11 +23,21 @@ def main() -> None:
     parser.add_argument("images")
     parser.add_argument("out")
     parser.add_argument("--repeats", type=int, default=0)
+    parser.add_argument("--no-delegates", action="store_true")
     args = parser.parse_args()
     images = np.load(args.images)
-    runner = Interpreter(model_path=args.model).get_signature_runner()
-    (input_name,) = runner.get_input_details()
-    outputs = runner(**{input_name: images})
+    resolver = (OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES if args.no_delegates
+                else OpResolverType.AUTO)
+    runner = Interpreter(model_path=args.model,
+                         experimental_op_resolver_type=resolver).get_signature_runner()
+    ((input_name, detail),) = runner.get_input_details().items()
+    batch = int(detail["shape_signature"][0])  # -1: a dynamic batch
+    if batch < 1 or batch == len(images):
+        outputs = runner(**{input_name: images})
+    else:
+        chunks = [runner(**{input_name: images[i:i + batch]}) for i in range(0, len(images), batch)]
+        outputs = {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+        images = images[:batch]  # (the timed runs below take one batch)
     times = []
     for _ in range(args.repeats):
         start = time.perf_counter()
