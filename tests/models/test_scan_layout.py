@@ -90,12 +90,20 @@ def test_mapping_round_trips_and_keeps_counts(name):
     unrolled_values = to_unrolled(values, groups)
     for g in groups:
         first = int(g.stacked.split("_")[-3])
-        kind, leaf = (("block", ("depthwise_conv", "kernel")) if g.parent
-                      else ("fpn_cell", ("node_0_bn", "scale")))
+        if g.member:  # a head's conv_<r> / bn_<r>_p<l>: entry r of repeats_0_to_<R-1>/<member>
+            leaf = ("pointwise", "kernel") if g.member == "conv" else ("scale",)
+            expected = [f"conv_{r}" if g.member == "conv" else f"bn_{r}_{g.member[3:]}"
+                        for r in range(len(g.unrolled))]
+            assert list(g.unrolled) == expected
+            stacked = (*g.parent, g.stacked, g.member)
+        else:
+            kind, leaf = (("block", ("depthwise_conv", "kernel")) if g.parent
+                          else ("fpn_cell", ("node_0_bn", "scale")))
+            assert list(g.unrolled) == [f"{kind}_{first + i}" for i in range(len(g.unrolled))]
+            stacked = (*g.parent, g.stacked)
         for i, module in enumerate(g.unrolled):
-            assert module == f"{kind}_{first + i}"
             a = _get(unrolled_values["params"], (*g.parent, module, *leaf))
-            b = _get(values["params"], (*g.parent, g.stacked, *leaf))[i]
+            b = _get(values["params"], (*stacked, *leaf))[i]
             np.testing.assert_array_equal(a, b)
     restacked = to_stacked(unrolled_values, groups)
     for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(values), strict=True):
