@@ -53,6 +53,6 @@ def test_remat_gives_the_same_gradients_with_less_memory():
         assert max_abs_diff(grads, ref_grads) < 1e-6, remat
         assert max_abs_diff(stats, ref_stats) < 1e-6, remat
     temps = {remat: results[remat][1] for remat in REMAT_POLICIES}
-    # blocks+heads keeps no head repeat's activations; the bars leave room for XLA's scheduling.
+    # blocks+heads recomputes the heads' repeats too; the bars leave room for XLA's scheduling.
     assert temps["blocks"] < 0.6 * temps["none"], temps
     assert temps["blocks+heads"] < temps["blocks"], temps
