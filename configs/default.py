@@ -45,7 +45,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.drop_connect_variant = config_dict.placeholder(str)
     # Compute dtype of activations ("bfloat16" for mixed precision); params and losses stay f32.
     config.model.dtype = "float32"
-    # What the backward pass recomputes to save memory: none | blocks (model_config.REMAT_POLICIES).
+    # What the backward pass recomputes to save memory: none | blocks | blocks+heads
+    # (model_config.REMAT_POLICIES).
     config.model.remat = "none"
     # Repeated blocks: scan (each body compiled once) | unrolled (model_config.LAYER_LOOPS).
     config.model.layer_loop = "scan"

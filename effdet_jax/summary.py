@@ -74,9 +74,11 @@ def summarize(model: nn.Module, image_size: tuple[int, int] | None = None) -> Mo
     bn_counts: dict[str, int] = defaultdict(int)
     scanned: dict[tuple[tuple[str, ...], int], tuple[dict, str, int]] = {}
 
-    def add(counts: dict, path: tuple, value: int, repeats: int) -> None:
+    def add(counts: dict, path: tuple, value: int, repeats: int, shape: tuple) -> None:
         if is_stacked_path(path):
-            scanned[(path, id(counts))] = (counts, _part(path), value * repeats)
+            # Keyed by input shape too: a head's scanned conv runs once per level (levels differ
+            # in size: image_size >= 2**max_level), and each of those calls counts.
+            scanned[(path, shape, id(counts))] = (counts, _part(path), value * repeats)
         else:
             counts[_part(path)] += value
 
@@ -92,14 +94,14 @@ def summarize(model: nn.Module, image_size: tuple[int, int] | None = None) -> Mo
         inp = args[0]
         if isinstance(module, DepthwiseConv2D):
             k = module.kernel_size
-            add(macs, path, math.prod(out.shape[1:]) * k * k, repeats)
+            add(macs, path, math.prod(out.shape[1:]) * k * k, repeats, inp.shape)
         elif isinstance(module, Conv2D):
             k = module.kernel_size
-            add(macs, path, math.prod(out.shape[1:]) * k * k * inp.shape[-1], repeats)
+            add(macs, path, math.prod(out.shape[1:]) * k * k * inp.shape[-1], repeats, inp.shape)
         elif isinstance(module, BatchNorm):
-            add(bn_counts, path, math.prod(out.shape[1:]), repeats)
+            add(bn_counts, path, math.prod(out.shape[1:]), repeats, inp.shape)
         elif isinstance(module, nn.Dense):
-            add(macs, path, inp.shape[-1] * out.shape[-1], repeats)
+            add(macs, path, inp.shape[-1] * out.shape[-1], repeats, inp.shape)
         return out
 
     variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x, train=False))

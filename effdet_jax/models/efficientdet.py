@@ -9,7 +9,8 @@ in ``effdet_jax.detection``.
 Parameter tree: ``backbone`` (EfficientNet features), ``resample_p{L}`` for levels the backbone lacks,
 ``fpn_cell_0`` (the first BiFPN cell, with the resample convs), ``fpn_cells_1_to_{N-1}`` (the other
 cells, identical, as one ``nn.scan``: every leaf stacked ``[N - 1, ...]``, ``models/layout.py``),
-``class_net`` and ``box_net``.
+``class_net`` and ``box_net`` (each: ``repeats_0_to_{R-1}``, the head's repeats as one ``nn.scan``,
+and ``predict``; ``models/heads.py``).
 """
 
 from __future__ import annotations
@@ -90,6 +91,8 @@ class EfficientDet(nn.Module):
                 else cfg.drop_connect_variant
             ),
             dtype=dtype,
+            remat=cfg.remat == "blocks+heads",
+            unrolled=unrolled,
             name=name,
         )
         class_outputs = head(cfg.num_classes, CLASS_PRIOR, "class_net")(feats, train)

@@ -8,9 +8,13 @@ axis over the repeats. Which blocks are stacked:
   rest are ``blocks_{a}_to_{b}`` (flat indices ``a..b``, inclusive), every leaf ``[b - a + 1, ...]``.
 - EfficientDet: the BiFPN cells after the first (cell 0 holds the resample convs of the backbone's
   features): ``fpn_cells_1_to_{N-1}`` instead of ``fpn_cell_1`` .. ``fpn_cell_{N-1}``.
+- EfficientDet heads (``class_net``, ``box_net``): all ``R`` repeats, ``repeats_0_to_{R-1}``. Its
+  members are the stacked pieces of the unrolled modules: ``conv`` holds ``conv_0`` .. ``conv_{R-1}``
+  (the separable conv the levels share), ``bn_p{l}`` holds ``bn_0_p{l}`` .. ``bn_{R-1}_p{l}``.
 
 The converters' name tables, the summary and the old-checkpoint check speak of the unrolled layout
-(``block_{i}`` for every block, ``fpn_cell_{c}`` for every cell); ``to_stacked`` / ``to_unrolled``
+(``block_{i}`` for every block, ``fpn_cell_{c}`` for every cell, ``conv_{r}`` and ``bn_{r}_p{l}``
+in the heads); ``to_stacked`` / ``to_unrolled``
 map a variable tree (``{"params": ..., "batch_stats": ...}``, leaves numpy / jax arrays or
 ``jax.ShapeDtypeStruct``) between the two. A stacked name says how many repeats it holds (``stack_length``).
 """
@@ -26,19 +30,25 @@ import jax
 import numpy as np
 from flax import linen as nn
 
-_STACKED = re.compile(r"^(blocks|fpn_cells)_(\d+)_to_(\d+)$")
-# A stacked module's kind -> the name of one of its repeats in the unrolled layout.
+_STACKED = re.compile(r"^(blocks|fpn_cells|repeats)_(\d+)_to_(\d+)$")
+# A stacked module's kind -> the name of one of its repeats in the unrolled layout (``repeats``:
+# per member, ``unrolled_member_name``).
 _UNROLLED = {"blocks": "block_{}", "fpn_cells": "fpn_cell_{}"}
+# The heads' scan body: the shared conv and level l's BN (``models/heads.HeadRepeat``).
+HEAD_CONV = "conv"
+_HEAD_BN = re.compile(r"^bn_p(\d+)$")
 
 
 @dataclasses.dataclass(frozen=True)
 class StackedGroup:
     """One scanned run of blocks: under ``parent`` (module path below the collection), the modules
-    ``unrolled`` (in order) are the leading-axis entries of the module ``stacked``."""
+    ``unrolled`` (in order) are the leading-axis entries of the module ``stacked`` or, with
+    ``member`` set, of its child ``member`` (several groups then share ``stacked``)."""
 
     parent: tuple[str, ...]
     stacked: str
     unrolled: tuple[str, ...]
+    member: str = ""
 
 
 def stacked_block_name(first: int, last: int) -> str:
@@ -49,6 +59,39 @@ def stacked_block_name(first: int, last: int) -> str:
 def stacked_cell_name(first: int, last: int) -> str:
     """Name of the scanned module holding BiFPN cells ``first..last`` (inclusive)."""
     return f"fpn_cells_{first}_to_{last}"
+
+
+def stacked_head_name(first: int, last: int) -> str:
+    """Name of the scanned module holding a head's repeats ``first..last`` (inclusive)."""
+    return f"repeats_{first}_to_{last}"
+
+
+def head_bn_name(level: int) -> str:
+    """Name, inside the heads' scan body, of level ``level``'s BN."""
+    return f"bn_p{level}"
+
+
+def unrolled_member_name(member: str, repeat: int) -> str:
+    """The unrolled name of repeat ``repeat`` of the head scan body's member ``member``:
+    ``conv`` -> ``conv_{r}``, ``bn_p{l}`` -> ``bn_{r}_p{l}``."""
+    if member == HEAD_CONV:
+        return f"conv_{repeat}"
+    match = _HEAD_BN.match(member)
+    if match is None:
+        raise ValueError(f"{member!r} is not a member of the heads' scan body")
+    return f"bn_{repeat}_p{match[1]}"
+
+
+def head_groups(repeats: int, min_level: int, max_level: int,
+                parent: tuple[str, ...]) -> list[StackedGroup]:
+    """The stacked runs of one prediction head under ``parent``: its conv and each level's BN,
+    all members of ``repeats_0_to_{repeats-1}``."""
+    if repeats < 1:
+        return []
+    stacked = stacked_head_name(0, repeats - 1)
+    members = [HEAD_CONV] + [head_bn_name(lvl) for lvl in range(min_level, max_level + 1)]
+    return [StackedGroup(parent, stacked, tuple(unrolled_member_name(m, r) for r in range(repeats)), m)
+            for m in members]
 
 
 def scan_unroll(length: int, unrolled: bool) -> int:
@@ -121,6 +164,8 @@ def model_groups(config: Any) -> list[StackedGroup]:
         last = config.fpn_cell_repeats - 1
         groups.append(StackedGroup((), stacked_cell_name(1, last),
                                    tuple(f"fpn_cell_{c}" for c in range(1, last + 1))))
+    for net in ("class_net", "box_net"):
+        groups += head_groups(config.box_class_repeats, config.min_level, config.max_level, (net,))
     return groups
 
 
@@ -178,7 +223,10 @@ def to_stacked(variables: Mapping, groups: list[StackedGroup]) -> dict:
                                  "structure and cannot be stacked")
             stacked = jax.tree.map(lambda *xs: _stack(list(xs)), *entries)
             new_parent = {k: v for k, v in parent.items() if k not in g.unrolled}
-            new_parent[g.stacked] = stacked
+            if g.member:
+                new_parent[g.stacked] = {**parent.get(g.stacked, {}), g.member: stacked}
+            else:
+                new_parent[g.stacked] = stacked
             tree = _replace(tree, g.parent, new_parent)
         out[collection] = tree
     return out
@@ -192,8 +240,15 @@ def to_unrolled(variables: Mapping, groups: list[StackedGroup]) -> dict:
             parent = _at(tree, g.parent)
             if parent is None or g.stacked not in parent:
                 continue
-            stacked = parent[g.stacked]
             new_parent = {k: v for k, v in parent.items() if k != g.stacked}
+            stacked = parent[g.stacked]
+            if g.member:
+                if g.member not in stacked:
+                    continue
+                rest = {k: v for k, v in stacked.items() if k != g.member}
+                if rest:
+                    new_parent[g.stacked] = rest
+                stacked = stacked[g.member]
             for i, name in enumerate(g.unrolled):
                 new_parent[name] = jax.tree.map(lambda x, i=i: _entry(x, i), stacked)
             tree = _replace(tree, g.parent, new_parent)
@@ -222,7 +277,8 @@ def is_unrolled_layout(flat_paths: Iterable[tuple[str, ...]], groups: list[Stack
 def unrolled_prefixes(stacked_paths: Iterable[str]) -> dict[str, str]:
     """For ``/``-joined variable paths of the stacked layout (any prefix: ``params/``,
     ``opt_state/0/mu/``, ...), ``{prefix/block_i/: prefix/blocks_a_to_b}`` for each block ``i`` a
-    stacked module holds: the paths an unrolled-layout tree has instead."""
+    stacked module holds (``{prefix/conv_r/: prefix/repeats_a_to_b}`` and ``bn_r_p{l}`` for a
+    head's): the paths an unrolled-layout tree has instead."""
     out = {}
     for path in stacked_paths:
         parts = path.split("/")
@@ -230,7 +286,11 @@ def unrolled_prefixes(stacked_paths: Iterable[str]) -> dict[str, str]:
             match = _STACKED.match(part)
             if match is None:
                 continue
+            if match[1] == "repeats" and k + 1 == len(parts):
+                continue
             prefix = "/".join(parts[:k])
             for i in range(int(match[2]), int(match[3]) + 1):
-                out[f"{prefix}/{_UNROLLED[match[1]].format(i)}/"] = f"{prefix}/{part}"
+                name = (unrolled_member_name(parts[k + 1], i) if match[1] == "repeats"
+                        else _UNROLLED[match[1]].format(i))
+                out[f"{prefix}/{name}/"] = f"{prefix}/{part}"
     return out

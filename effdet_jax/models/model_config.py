@@ -22,10 +22,9 @@ from effdet_jax.ops.policy import MODES as CPU_KERNEL_MODES
 from effdet_jax.ops.policy import resolve as resolve_cpu_kernels
 
 DTYPES = ("float32", "bfloat16", "float16")
-# What the backward pass recomputes instead of storing: nothing, or each backbone MBConv block and
-# BiFPN cell from its input. (Rematerialising the heads as well was measured to raise XLA's peak
-# temporaries, not lower them: benchmarks/RESULTS.md.)
-REMAT_POLICIES = ("none", "blocks")
+# What the backward pass recomputes instead of storing: nothing; each backbone MBConv block and
+# BiFPN cell from its input; those and each head repeat (the body of the heads' scan) as well.
+REMAT_POLICIES = ("none", "blocks", "blocks+heads")
 # How each run of identical repeated blocks executes over its stacked variables
 # (``models/layout.py``): one ``lax.scan`` body (compiled once), or unrolled after tracing.
 LAYER_LOOPS = ("scan", "unrolled")
@@ -106,10 +105,12 @@ class EfficientDetConfig:
       cpu_kernels: the hand-written XLA:CPU kernels, ``auto`` (on CPU where they build) | ``off``
         (XLA's own ops on every platform) | ``require`` (error naming why they cannot be built);
         ``None``: ``$EFFDET_JAX_CPU_KERNELS``, else ``auto`` (``effdet_jax.ops.policy``).
-      remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none`` or ``blocks``
-        (backbone blocks and BiFPN cells); ``True`` / ``False`` mean ``blocks`` / ``none``.
-      layer_loop: one of ``LAYER_LOOPS``: ``scan`` runs each stage's repeated backbone blocks and
-        the BiFPN cells after the first as one ``lax.scan`` (each body compiled once); ``unrolled``
+      remat: what the backward pass recomputes, one of ``REMAT_POLICIES``: ``none``, ``blocks``
+        (backbone blocks and BiFPN cells) or ``blocks+heads`` (and each head repeat);
+        ``True`` / ``False`` mean ``blocks`` / ``none``.
+      layer_loop: one of ``LAYER_LOOPS``: ``scan`` runs each stage's repeated backbone blocks, the
+        BiFPN cells after the first and the heads' repeats as one ``lax.scan`` each (each body
+        compiled once); ``unrolled``
         unrolls those scans after tracing (a longer compile). Same variables either way.
     """
 

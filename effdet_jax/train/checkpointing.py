@@ -236,8 +236,8 @@ def _check_layout(stored: dict[str, tuple[int, ...]], wanted: dict[str, tuple[in
     hits = sorted({h.split("/", 1)[1] for h in hits if h.startswith("params/")}) or hits
     raise CheckpointMismatchError(
         f"the checkpoint {where} is in the pre-scan parameter layout: it stores each backbone "
-        "block (block_<i>) and BiFPN cell (fpn_cell_<c>) on its own, while this version stacks "
-        "repeated ones into one scanned module "
+        "block (block_<i>), BiFPN cell (fpn_cell_<c>) or head repeat (conv_<r>, bn_<r>_p<l>) on "
+        "its own, while this version stacks repeated ones into one scanned module "
         f"({', '.join(hits[:4])}{', ...' if len(hits) > 4 else ''}). Its "
         "weights convert on loading: start a new run (or evaluate) from them with "
         f"--workdir=NEW_DIR --config.init.checkpoint={workdir} (the optimizer state and step "

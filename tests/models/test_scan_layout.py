@@ -90,12 +90,20 @@ def test_mapping_round_trips_and_keeps_counts(name):
     unrolled_values = to_unrolled(values, groups)
     for g in groups:
         first = int(g.stacked.split("_")[-3])
-        kind, leaf = (("block", ("depthwise_conv", "kernel")) if g.parent
-                      else ("fpn_cell", ("node_0_bn", "scale")))
+        if g.member:  # a head's conv_<r> / bn_<r>_p<l>: entry r of repeats_0_to_<R-1>/<member>
+            leaf = ("pointwise", "kernel") if g.member == "conv" else ("scale",)
+            expected = [f"conv_{r}" if g.member == "conv" else f"bn_{r}_{g.member[3:]}"
+                        for r in range(len(g.unrolled))]
+            assert list(g.unrolled) == expected
+            stacked = (*g.parent, g.stacked, g.member)
+        else:
+            kind, leaf = (("block", ("depthwise_conv", "kernel")) if g.parent
+                          else ("fpn_cell", ("node_0_bn", "scale")))
+            assert list(g.unrolled) == [f"{kind}_{first + i}" for i in range(len(g.unrolled))]
+            stacked = (*g.parent, g.stacked)
         for i, module in enumerate(g.unrolled):
-            assert module == f"{kind}_{first + i}"
             a = _get(unrolled_values["params"], (*g.parent, module, *leaf))
-            b = _get(values["params"], (*g.parent, g.stacked, *leaf))[i]
+            b = _get(values["params"], (*stacked, *leaf))[i]
             np.testing.assert_array_equal(a, b)
     restacked = to_stacked(unrolled_values, groups)
     for x, y in zip(jax.tree.leaves(restacked), jax.tree.leaves(values), strict=True):
@@ -208,7 +216,8 @@ def test_layer_loop_unrolled_runs_the_same_variables_to_the_same_outputs():
     x = jnp.asarray(np.random.default_rng(3).normal(size=(2, 64, 64, 3)), jnp.float32)
     variables = jax.jit(lambda: scan.init(jax.random.key(0), x))()
     groups = model_groups(scan.config)
-    assert [g.stacked for g in groups][-1] == "fpn_cells_1_to_2"
+    assert "fpn_cells_1_to_2" in [g.stacked for g in groups]
+    assert {g.stacked for g in groups if g.parent == ("box_net",)} == {"repeats_0_to_1"}
     assert jax.tree.structure(jax.eval_shape(lambda: unrolled.init(jax.random.key(0), x))) == \
         jax.tree.structure(variables)
     texts = {}
@@ -221,6 +230,6 @@ def test_layer_loop_unrolled_runs_the_same_variables_to_the_same_outputs():
         else:
             for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(ref), strict=True):
                 np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
-    # One loop per stacked run with scan, none unrolled.
-    assert texts["scan"].count("stablehlo.while") == len(groups)
+    # One loop per stacked module with scan (a head's groups share one), none unrolled.
+    assert texts["scan"].count("stablehlo.while") == len({(g.parent, g.stacked) for g in groups})
     assert "stablehlo.while" not in texts["unrolled"]

@@ -10,12 +10,15 @@ from flax import traverse_util
 from PIL import Image
 
 from effdet_jax.convert.automl import automl_name_table
+from effdet_jax.models.layout import model_groups, to_unrolled
 
 
 def automl_named(variables: dict, model) -> dict[str, np.ndarray]:
     """``{"params", "batch_stats"}`` of ``model`` as automl TF1-named arrays (the inverse of
-    ``convert_automl_arrays``), as automl's ``weights.npz`` stores them."""
-    flat = traverse_util.flatten_dict(jax.device_get(variables))
+    ``convert_automl_arrays``), as automl's ``weights.npz`` stores them. The name table speaks of
+    the unrolled layout: stacked modules are unrolled first."""
+    unrolled = to_unrolled(jax.device_get(dict(variables)), model_groups(model.config))
+    flat = traverse_util.flatten_dict(unrolled)
     out = {}
     for path, (tf1, _, layout) in automl_name_table(model).items():
         if layout.startswith("stack:"):

@@ -40,7 +40,9 @@ def _unrolled_tree(tree, groups):
     return {k: _unrolled_tree(v, groups) for k, v in tree.items()}
 
 
-def _write_old_workdir(workdir):
+def _write_old_workdir(workdir, heads_only=False):
+    """A workdir whose checkpoint is in the unrolled layout; ``heads_only``: only the heads' repeats
+    unrolled (backbone and BiFPN stacked), the layout before the heads' scan."""
     config = _config()
     exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
     rng = np.random.default_rng(0)
@@ -50,8 +52,14 @@ def _write_old_workdir(workdir):
         exp.abstract_state)
     groups = model_groups(exp.model.config)
     assert groups, "the test model must have stacked blocks"
+    if heads_only:
+        groups = [g for g in groups if g.parent in (("class_net",), ("box_net",))]
     old = _unrolled_tree(serialization.to_state_dict(state), groups)
-    assert "block_4" in old["params"]["backbone"] and "block_4" in old["ema_params"]["backbone"]
+    assert "conv_0" in old["params"]["class_net"] and "bn_0_p5" in old["ema_batch_stats"]["box_net"]
+    if heads_only:
+        assert "blocks_4_to_4" in old["params"]["backbone"]
+    else:
+        assert "block_4" in old["params"]["backbone"] and "block_4" in old["ema_params"]["backbone"]
     run_config.check_and_save(config, str(workdir))
     manager = checkpointing.make_manager(
         str(workdir / "checkpoints"), checkpointing.CheckpointOptions(every_steps=1, keep=1, keep_best=0))
@@ -95,3 +103,28 @@ def test_old_layout_workdir_fails_before_compiling_and_its_weights_convert(tmp_p
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-3000:]
     assert "AP" in out, out[-3000:]
+
+
+def test_workdir_with_unrolled_heads_fails_before_compiling_and_its_weights_convert(tmp_path):
+    # Backbone and BiFPN stacked, each head repeat its own conv_<r> / bn_<r>_p<l>.
+    old_workdir = tmp_path / "old"
+    config, state = _write_old_workdir(old_workdir, heads_only=True)
+    proc = subprocess.run(_eval_command(old_workdir, DEPTH), cwd=ROOT, env=subprocess_env(1),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "Traceback" not in out, out[-3000:]
+    assert "is in the pre-scan parameter layout" in out, out[-3000:]
+    assert "box_net/repeats_0_to_0" in out and "class_net/repeats_0_to_0" in out, out[-3000:]
+    assert f"--config.init.checkpoint={old_workdir}" in out
+    assert "Compiling" not in out
+
+    config.init.checkpoint = str(old_workdir)
+    exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+    plan = initialization.plan(config, exp.model, exp.abstract_state)
+    expected = traverse_util.flatten_dict(
+        {"params": serialization.to_state_dict(state.ema_params),
+         "batch_stats": serialization.to_state_dict(state.ema_batch_stats)})
+    assert set(plan.loaded) == set(expected) and not plan.reinitialised
+    for path, value in expected.items():
+        np.testing.assert_array_equal(plan.loaded[path], value, err_msg="/".join(path))
