@@ -20,6 +20,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from onnx2tf_venv import require_onnx2tf
 
 from effdet_jax import efficientdet
 from effdet_jax.convert import convert_automl_arrays
@@ -165,14 +166,7 @@ def test_full_size_savedmodel_and_litert_raw(automl_reference, tmp_path, key):
     """The README table's SavedModel / LiteRT cells: float32 raw outputs of each full-size model,
     converted from the ONNX file by onnx2tf (minutes per model), run in TensorFlow and LiteRT on
     the same uint8 images as JAX, within 1e-4 of the output scale; prints parity and file sizes."""
-    from effdet_jax.export import litert
-
-    try:
-        litert.venv_python()
-    except litert.ConverterMissingError as e:
-        if os.environ.get("EFFDET_JAX_REQUIRE_ONNX2TF") == "1":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    require_onnx2tf()
     model, variables = _model_and_variables(automl_reference, key)
     start = time.perf_counter()
     result = _check_formats(model, variables, tmp_path, with_nms=False,

@@ -8,7 +8,6 @@ Slow: each conversion takes minutes. Without the venv these tests skip naming ``
 """
 
 import json
-import os
 import pathlib
 import subprocess
 import sys
@@ -16,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from onnx2tf_venv import require_onnx2tf
 from train_helpers import subprocess_env
 
 from configs import tiny
@@ -30,12 +30,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    try:
-        litert.venv_python()
-    except litert.ConverterMissingError as e:
-        if os.environ.get("EFFDET_JAX_REQUIRE_ONNX2TF") == "1":
-            pytest.fail(str(e))
-        pytest.skip(str(e))
+    require_onnx2tf()
     workdir = tmp_path_factory.mktemp("litert") / "run"
     done = _main(f"--workdir={workdir}", "--mode=train", "--config.train.total_steps=2")
     assert done.returncode == 0, done.stderr[-3000:]

@@ -69,6 +69,19 @@ def _write_old_workdir(workdir, heads_only=False):
     return config, state
 
 
+
+def _assert_init_checkpoint_loads_its_ema_weights(config, state, old_workdir) -> None:
+    """``config.init.checkpoint=old_workdir`` loads, stacked, exactly the old run's EMA weights."""
+    config.init.checkpoint = str(old_workdir)
+    exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
+    plan = initialization.plan(config, exp.model, exp.abstract_state)
+    expected = traverse_util.flatten_dict(
+        {"params": serialization.to_state_dict(state.ema_params),
+         "batch_stats": serialization.to_state_dict(state.ema_batch_stats)})
+    assert set(plan.loaded) == set(expected) and not plan.reinitialised
+    for path, value in expected.items():
+        np.testing.assert_array_equal(plan.loaded[path], value, err_msg="/".join(path))
+
 def test_old_layout_workdir_fails_before_compiling_and_its_weights_convert(tmp_path):
     old_workdir = tmp_path / "old"
     config, state = _write_old_workdir(old_workdir)
@@ -87,15 +100,7 @@ def test_old_layout_workdir_fails_before_compiling_and_its_weights_convert(tmp_p
     assert "Compiling" not in out and seconds < 300, seconds
 
     # The way out the message names: its weights, stacked, are exactly the old run's EMA weights.
-    config.init.checkpoint = str(old_workdir)
-    exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
-    plan = initialization.plan(config, exp.model, exp.abstract_state)
-    expected = traverse_util.flatten_dict(
-        {"params": serialization.to_state_dict(state.ema_params),
-         "batch_stats": serialization.to_state_dict(state.ema_batch_stats)})
-    assert set(plan.loaded) == set(expected) and not plan.reinitialised
-    for path, value in expected.items():
-        np.testing.assert_array_equal(plan.loaded[path], value, err_msg="/".join(path))
+    _assert_init_checkpoint_loads_its_ema_weights(config, state, old_workdir)
 
     proc = subprocess.run(
         _eval_command(tmp_path / "new", DEPTH, f"--config.init.checkpoint={old_workdir}"),
@@ -119,12 +124,4 @@ def test_workdir_with_unrolled_heads_fails_before_compiling_and_its_weights_conv
     assert f"--config.init.checkpoint={old_workdir}" in out
     assert "Compiling" not in out
 
-    config.init.checkpoint = str(old_workdir)
-    exp = experiment.build_experiment(config, mesh=mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
-    plan = initialization.plan(config, exp.model, exp.abstract_state)
-    expected = traverse_util.flatten_dict(
-        {"params": serialization.to_state_dict(state.ema_params),
-         "batch_stats": serialization.to_state_dict(state.ema_batch_stats)})
-    assert set(plan.loaded) == set(expected) and not plan.reinitialised
-    for path, value in expected.items():
-        np.testing.assert_array_equal(plan.loaded[path], value, err_msg="/".join(path))
+    _assert_init_checkpoint_loads_its_ema_weights(config, state, old_workdir)
