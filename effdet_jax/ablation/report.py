@@ -74,7 +74,11 @@ def cost_rows(cost: dict | None, labels: Sequence[str]) -> list[str]:
     machine = cost.get("machine", {})
     lines = [f"Measured alone by `experiments/cost.py` ({machine.get('date', '?')}, "
              f"{machine.get('cpu', '?')}, {cost.get('threads', '?')} threads; "
-             "median (min-max) ms over all processes; load = 1-min load average before the case):",
+             "ms as the fastest process's median, then [median (min-max) over every timed call of "
+             "every process]: a small case runs at one of two speeds depending on the process "
+             "(benchmarks/RESULTS.md), so the fastest process compares the arms; "
+             f"{cost.get('processes', '?')} processes per arm and mode; "
+             "load = 1-min load average before the case):",
              "",
              "| arm | params | MACs | inference ms (batch "
              f"{cost.get('infer_batch', '?')}) | train step ms (batch {cost.get('train_batch', '?')}) "
@@ -98,7 +102,10 @@ def _ms(r: dict) -> str:
         return "-"
     if "error" in r:
         return "error"
-    return f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})"
+    pooled = f"{r['median_ms']:.1f} ({r['min_ms']:.1f}-{r['max_ms']:.1f})"
+    if "fastest_process_ms" not in r:
+        return pooled
+    return f"{r['fastest_process_ms']:.1f} [{pooled}]"
 
 
 def table(summary: dict, baseline: str, cost: dict | None, title: str) -> str:

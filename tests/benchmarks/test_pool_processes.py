@@ -26,6 +26,7 @@ def test_pooled_median_is_over_every_timed_call_not_over_process_medians():
     assert pooled["median_ms"] == 12
     assert (pooled["min_ms"], pooled["max_ms"], pooled["runs"]) == (9, 30, 9)
     assert pooled["process_median_ms"] == [10, 15, 12]
+    assert pooled["fastest_process_ms"] == 10
     assert pooled["images_per_s"] == pytest.approx(2 / 0.012)
     assert pooled["peak_rss_steady_mb"] == 700  # the largest process's peak, not a mean
     assert pooled["compile_s"] == 4.0

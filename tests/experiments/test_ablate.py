@@ -158,6 +158,9 @@ def test_cost_table_feeds_the_sweep_table(tmp_path):
 
     rows = "\n".join(report.cost_rows(cost, ["sum", "fastattn"]))
     assert f"| fastattn | {cost['arms']['fastattn']['params']:,} |" in rows
+    infer = cost["arms"]["fastattn"]["infer"]
+    assert infer["fastest_process_ms"] == round(min(infer["process_median_ms"]), 2)
+    assert f"| {infer['fastest_process_ms']:.1f} [{infer['median_ms']:.1f} (" in rows
 
 
 def test_both_scripts_share_the_sweep_flags_and_results_folder(tmp_path):
