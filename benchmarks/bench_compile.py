@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
     JAX_PYTHON,
+    config_compiled_from_scratch,
     emit,
     machine_info,
     max_rss_mb,
@@ -42,21 +43,16 @@ from common import (  # noqa: E402
 def measure(case: dict) -> dict:
     """One case in this process: build, lower, compile the config's train step."""
     pin_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    import importlib
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+    config = config_compiled_from_scratch(case["config"], case["image_size"],
+                                          case.get("cpu_kernels", "auto"))
     import jax
     import numpy as np
 
-    jax.config.update("jax_enable_compilation_cache", False)
     from effdet_jax.train import experiment
     from effdet_jax.train.config_validation import validate_config
 
-    config = importlib.import_module(f"configs.{case['config']}").get_config()
-    config.model.image_size = case["image_size"]
     config.train.batch_size = case["batch"]
     config.mesh.data = 1
-    config.model.overrides.cpu_kernels = case.get("cpu_kernels", "auto")
     validate_config(config, num_devices=1)
     exp = experiment.build_experiment(config)
     state = jax.tree.map(

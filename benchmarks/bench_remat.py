@@ -19,25 +19,19 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import emit, pin_threads, run_case  # noqa: E402
+from common import config_compiled_from_scratch, emit, pin_threads, run_case  # noqa: E402
 
 
 def measure(case: dict) -> dict:
     """One (config, policy) in this process."""
     pin_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    import importlib
-
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # configs/
+    config = config_compiled_from_scratch(case["config"], case["image_size"], case["cpu_kernels"])
     import jax
     import jax.numpy as jnp
 
-    jax.config.update("jax_enable_compilation_cache", False)
     from effdet_jax.train import experiment
 
-    config = importlib.import_module(f"configs.{case['config']}").get_config()
-    config.model.image_size = case["image_size"]
     config.model.remat = case["remat"]
-    config.model.overrides.cpu_kernels = case["cpu_kernels"]
     model = experiment.build_model(config.model)
     size = case["image_size"]
     images = jax.ShapeDtypeStruct((case["batch"], size, size, 3), jnp.float32)

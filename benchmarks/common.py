@@ -75,6 +75,23 @@ def pin_threads(threads: int) -> None:
         os.sched_setaffinity(0, cpus[:threads])
 
 
+def config_compiled_from_scratch(name: str, image_size: int, cpu_kernels: str):
+    """``configs/<name>.py``'s config at ``image_size`` (pixels, square) with
+    ``model.overrides.cpu_kernels``, in a process whose persistent compilation cache is off, so
+    a compile benchmark measures XLA rather than a cache hit."""
+    import importlib
+
+    import jax
+
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))  # configs/
+    jax.config.update("jax_enable_compilation_cache", False)
+    config = importlib.import_module(f"configs.{name}").get_config()
+    config.model.image_size = image_size
+    config.model.overrides.cpu_kernels = cpu_kernels
+    return config
+
+
 def timed(fn: Callable[[], object], warmup: int, repeats: int, min_warmup_s: float = 1.0) -> dict:
     """Median / min / max wall milliseconds of ``fn()`` (``fn`` must block until done), and the
     ``times_ms`` themselves (for pooling runs of several processes).
