@@ -162,6 +162,37 @@ def test_savedmodel_and_litert_with_nms_match_jax(trained, tmp_path, method):
         assert diff["box_rel"] <= 5e-5 and diff["score"] <= 1e-4, (fmt, diff)
 
 
+def test_dynamic_batch_with_nms_runs_at_batch_1_and_7(trained, tmp_path):
+    """``batch_size=dynamic`` with NMS: ``tf_nms`` runs TF's NMS over the images in a While loop
+    (``tf.map_fn``; LiteRT's builtin ``WHILE``); the SavedModel and LiteRT file run at batch 1
+    and 7 with the same top 20 detections per image as JAX's post-processing."""
+    workdir, exp, variables = trained
+    out = tmp_path / "exported"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                "--config.export.formats=savedmodel,tflite", "--config.export.batch_size=dynamic")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["input"]["shape"] == ["batch", 64, 64, 3]
+    assert manifest["outputs"] == list(serving.NMS_OUTPUTS)
+    assert _tflite_input_shape(out / "model.tflite") == [-1, 64, 64, 3]
+    pp = PostprocessConfig(**tiny.get_config().eval.postprocess.to_dict())
+    for batch in (1, 7):
+        images = check_images(batch, 64, 64, seed=20 + batch)
+        reference = _detections_reference(exp, variables, images, pp)
+        assert reference[3].min() >= 20
+        for fmt in ("savedmodel", "tflite"):
+            path = str(out / manifest["files"][fmt])
+            if fmt == "tflite":  # builtin kernels, as in test_savedmodel_and_litert_with_nms_match_jax
+                got = litert.run_tflite(path, images, serving.NMS_OUTPUTS, delegates=False)[0]
+            else:
+                got = formats.run(fmt, path, images, serving.NMS_OUTPUTS)
+            assert [g.shape for g in got] == [r.shape for r in reference], (fmt, batch)
+            diff = parity.detection_differences(reference, got, top_k=20)
+            print(f"dynamic batch {batch} with NMS {fmt}: {diff}")
+            assert not diff["class_mismatches"] and not diff["valid_mismatches"], (fmt, batch, diff)
+            assert diff["box_rel"] <= 5e-5 and diff["score"] <= 1e-4, (fmt, batch, diff)
+
+
 def _letterboxed_reference(exp, variables, images, pp):
     """Detections in the input's pixels of ``images`` (another size than the model's): the eval
     pipeline's own letterbox (``data.transforms.resize_crop_pad``, TF) per image, the network on
