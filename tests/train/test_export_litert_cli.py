@@ -1,7 +1,7 @@
 """``main.py --mode=export`` to TF SavedModel and LiteRT (float32, float16, int8; raw outputs,
-and with NMS through TF's own NMS): onnx2tf in its own venv (``make onnx2tf``) converts the ONNX
-file; each file runs in its own runtime (TensorFlow, ``ai_edge_litert``) against the
-checkpoint's JAX model restored here.
+and with NMS through TF's own NMS; fixed and dynamic batch; letterboxed input): onnx2tf in its
+own venv (``make onnx2tf``) converts the ONNX file; each file runs in its own runtime
+(TensorFlow, ``ai_edge_litert``) against the checkpoint's JAX model restored here.
 
 Slow: each conversion takes minutes. Without the venv these tests skip naming ``make onnx2tf``
 (``EFFDET_JAX_REQUIRE_ONNX2TF=1``, set by ``make test-all``, makes that a failure).
