@@ -254,6 +254,9 @@ def test_letterboxed_savedmodel_and_litert_with_nms_match_jax(trained, tmp_path)
         # Input pixels: boxes reach past the model's 64 px in x, never past the 48x80 image.
         top = got[0][:, :20]
         assert top[..., 3].max() > 64 and (top <= [48, 80, 48, 80]).all() and (top >= 0).all(), fmt
+    # A fixed-batch LiteRT file refuses a number of images its batch does not divide.
+    with pytest.raises(RuntimeError, match="fixed batch of 2; give a multiple of it, not 3 images"):
+        litert.run_tflite(str(out / "model.tflite"), check_images(3, 48, 80), serving.NMS_OUTPUTS)
 
 
 def test_nms_option_without_tf_equivalent_is_refused_early(trained, tmp_path):
