@@ -88,12 +88,11 @@ def parse_input_size(text: str) -> tuple[int, int] | None:
     return height, width
 
 
-def nms_unsupported_reason(config, batch_size: int | None, dtype: str = "float32"
-                       ) -> str | None:
+def nms_unsupported_reason(config, dtype: str = "float32") -> str | None:
     """Why a SavedModel / LiteRT file with NMS (``export.tf_nms``: TensorFlow's
     ``NonMaxSuppressionV5``) cannot be written for ``config`` (a ``PostprocessConfig`` or
-    ``config.eval.postprocess``), ``batch_size`` (``None``: dynamic) and LiteRT ``dtype``; else
-    ``None``."""
+    ``config.eval.postprocess``) and LiteRT ``dtype``; else ``None``. Any batch, fixed or
+    dynamic, is written."""
     if dtype != "float32":
         return (f"config.export.dtype={dtype!r} LiteRT files are written with raw outputs only "
                 "(TF's NMS takes float32 boxes and scores): use --config.export.with_nms=false and "
@@ -106,9 +105,6 @@ def nms_unsupported_reason(config, batch_size: int | None, dtype: str = "float32
         return ("eval.postprocess.per_class=True is not built with TF's NMS (NonMaxSuppressionV5 "
                 "is class-agnostic; combined_non_max_suppression is hard-NMS only and LiteRT has no "
                 "builtin for it): use --config.eval.postprocess.per_class=false, or with_nms=false")
-    if batch_size is None:
-        return ("with NMS the SavedModel / LiteRT file needs a fixed batch (TF's NMS takes one "
-                "image; a dynamic batch would need a While loop): use --config.export.batch_size=N")
     return None
 
 

@@ -11,8 +11,11 @@ on the model's anchors (yxyx network-input pixels), sigmoid scores, and TF's
 automl calls it; ``detection.postprocess.nms`` is its eager form), then clipping and scaling.
 Its ``serving_default`` signature gives ``boxes [B, D, 4]`` float32 ``[ymin, xmin, ymax, xmax]``
 in input pixels, ``scores [B, D]``, ``classes [B, D]`` int32 (-1 on padding rows) and
-``valid [B]`` int32. :func:`write_tflite` converts it with TensorFlow's LiteRT converter:
-``NonMaxSuppressionV5`` becomes LiteRT's builtin ``NON_MAX_SUPPRESSION_V5`` (no select TF ops).
+``valid [B]`` int32. A fixed batch is unrolled image by image; a dynamic one (``B`` ``None`` in
+the raw SavedModel's signature) runs the per-image post-processing in ``tf.map_fn``, a While loop
+over the images. :func:`write_tflite` converts it with TensorFlow's LiteRT converter:
+``NonMaxSuppressionV5`` becomes LiteRT's builtin ``NON_MAX_SUPPRESSION_V5`` and the loop its
+builtin ``WHILE`` (no select TF ops).
 
 Not every configuration has a TF equivalent: ``options.nms_unsupported_reason`` names the ones
 refused.
@@ -127,8 +130,16 @@ def write_savedmodel(raw_savedmodel: str, path: str, raw_names: Sequence[str], g
     raw = tf.saved_model.load(raw_savedmodel)
     signature = raw.signatures["serving_default"]
     spec = signature.structured_input_signature[1]["images"]
-    batch = int(spec.shape[0])
+    batch = spec.shape[0]  # None: a dynamic batch
     n_levels = len(raw_names) // 2
+    d = config.max_detections
+    per_image_spec = (tf.TensorSpec([d, 4], tf.float32), tf.TensorSpec([d], tf.float32),
+                      tf.TensorSpec([d], tf.int32), tf.TensorSpec([], tf.int32))
+
+    def flat(outputs, channels):
+        """``[B, H_L, W_L, A * channels]`` per level -> ``[B, N, channels]``."""
+        return tf.concat([tf.reshape(x, [-1, x.shape[1] * x.shape[2] * x.shape[3] // channels,
+                                         channels]) for x in outputs], axis=1)
 
     class WithNms(tf.Module):
         def __init__(self):
@@ -139,11 +150,17 @@ def write_savedmodel(raw_savedmodel: str, path: str, raw_names: Sequence[str], g
         def serve(self, images):
             outs = litert.outputs_in_order(self.raw.signatures["serving_default"](images=images),
                                            raw_names)
-            logits = tf.concat([tf.reshape(x, [batch, -1, graph.num_classes])
-                                for x in outs[:n_levels]], axis=1)
-            deltas = tf.concat([tf.reshape(x, [batch, -1, 4]) for x in outs[n_levels:]], axis=1)
-            per_image = [_detect_one(tf, logits[i], deltas[i], graph, config) for i in range(batch)]
-            stacked = [tf.stack([d[j] for d in per_image]) for j in range(4)]
+            logits = flat(outs[:n_levels], graph.num_classes)
+            deltas = flat(outs[n_levels:], 4)
+            if batch is None:
+                # One image per step of a While loop (LiteRT's builtin WHILE): TF's NMS takes one
+                # image, and the loop runs as many steps as the input has images.
+                stacked = tf.map_fn(lambda x: _detect_one(tf, x[0], x[1], graph, config),
+                                    (logits, deltas), fn_output_signature=per_image_spec)
+            else:
+                per_image = [_detect_one(tf, logits[i], deltas[i], graph, config)
+                             for i in range(batch)]
+                stacked = [tf.stack([det[j] for det in per_image]) for j in range(4)]
             return dict(zip(NMS_OUTPUTS, stacked, strict=True))
 
     module = WithNms()
@@ -177,8 +194,7 @@ def convert_with_nms(
     from effdet_jax.export import formats, litert
 
     label = ", ".join(wanted)
-    reason = nms_unsupported_reason(config, options.batch_size, options.dtype if "tflite" in wanted
-                                else "float32")
+    reason = nms_unsupported_reason(config, options.dtype if "tflite" in wanted else "float32")
     if reason:
         raise formats.FormatUnavailableError(f"{label} with NMS: {reason}")
     try:

@@ -155,7 +155,7 @@ def validate_config(
         raise ConfigError(str(e)) from None
     converted = [f for f in export.formats if f in ("savedmodel", "tflite")]
     if export.with_nms and converted:
-        reason = nms_unsupported_reason(config.eval.postprocess, export.batch_size,
+        reason = nms_unsupported_reason(config.eval.postprocess,
                                         export.dtype if "tflite" in converted else "float32")
         if reason:
             raise ConfigError(f"config.export.formats={config.export.formats!r} with NMS: {reason}")

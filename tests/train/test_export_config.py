@@ -47,7 +47,6 @@ def test_bad_export_values_fail_naming_key_and_fix(key, value, expected):
     [
         (["--config.eval.postprocess.method=soft_linear"], "method=hard"),
         (["--config.eval.postprocess.per_class=true"], "per_class=false"),
-        (["--config.export.batch_size=dynamic"], "batch_size=N"),
         (["--config.export.dtype=int8"], "with_nms=false"),
     ],
 )
@@ -60,4 +59,13 @@ def test_nms_in_savedmodel_or_litert_refuses_what_tf_cannot_do(flags, expected):
         validate_config(config)
     assert "with NMS" in str(info.value) and expected in str(info.value), str(info.value)
     config.export.with_nms = False
+    validate_config(config)
+
+
+def test_nms_in_savedmodel_or_litert_takes_a_dynamic_batch():
+    """A dynamic batch with NMS passes validation: ``tf_nms`` loops over the images (a While loop,
+    LiteRT's builtin WHILE); ``test_export_litert_cli.py`` runs such files at batch 1 and 7."""
+    config = _parse(f"--config={CONFIG_DIR / 'd0.py'}", "--config.export.formats=savedmodel,tflite",
+                    "--config.export.batch_size=dynamic")
+    assert config.export.with_nms
     validate_config(config)

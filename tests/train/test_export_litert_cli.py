@@ -1,7 +1,7 @@
 """``main.py --mode=export`` to TF SavedModel and LiteRT (float32, float16, int8; raw outputs,
-and with NMS through TF's own NMS): onnx2tf in its own venv (``make onnx2tf``) converts the ONNX
-file; each file runs in its own runtime (TensorFlow, ``ai_edge_litert``) against the
-checkpoint's JAX model restored here.
+and with NMS through TF's own NMS; fixed and dynamic batch; letterboxed input): onnx2tf in its
+own venv (``make onnx2tf``) converts the ONNX file; each file runs in its own runtime
+(TensorFlow, ``ai_edge_litert``) against the checkpoint's JAX model restored here.
 
 Slow: each conversion takes minutes. Without the venv these tests skip naming ``make onnx2tf``
 (``EFFDET_JAX_REQUIRE_ONNX2TF=1``, set by ``make test-all``, makes that a failure).
@@ -71,6 +71,47 @@ def test_savedmodel_and_float32_litert_match_jax(trained, tmp_path):
         assert parity.raw_relative_error(reference, got) <= 1e-4, fmt
 
 
+def test_dynamic_batch_savedmodel_and_litert_run_at_batch_1_and_7(trained, tmp_path):
+    """``batch_size=dynamic``, raw outputs: onnx2tf converts the dynamic-batch ONNX file into a
+    SavedModel whose signature has a ``None`` batch and a LiteRT file with batch -1 in its shape
+    signature (the signature runner resizes the input to the batch it is given); each runs at
+    batch 1 and 7 within the parity bar of the JAX model."""
+    workdir, exp, variables = trained
+    out = tmp_path / "exported"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                "--config.export.formats=savedmodel,tflite", "--config.export.with_nms=false",
+                "--config.export.batch_size=dynamic")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["input"]["shape"] == ["batch", 64, 64, 3]
+    names = serving.output_names(exp.model, False)
+    for batch in (1, 7):
+        images = check_images(batch, 64, 64, seed=10 + batch)
+        reference = _raw_reference(exp, variables, images)
+        for fmt in ("savedmodel", "tflite"):
+            got = formats.run(fmt, str(out / manifest["files"][fmt]), images, names)
+            assert [g.shape for g in got] == [r.shape for r in reference], (fmt, batch)
+            err = parity.raw_relative_error(reference, got)
+            print(f"dynamic batch {batch} {fmt}: raw_relative {err:.2e}")
+            assert err <= 1e-4, (fmt, batch, err)
+    # The files themselves declare the dynamic batch (not a fixed one the runners split into).
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(out / "saved_model")).signatures["serving_default"]
+    assert signature.structured_input_signature[1]["images"].shape.as_list() == [None, 64, 64, 3]
+    assert _tflite_input_shape(out / "model.tflite") == [-1, 64, 64, 3]
+
+
+def _tflite_input_shape(path) -> list[int]:
+    """``shape_signature`` of the LiteRT file's input (-1: dynamic), read in the onnx2tf venv."""
+    code = ("import sys; from ai_edge_litert.interpreter import Interpreter; "
+            "d = Interpreter(model_path=sys.argv[1]).get_input_details()[0]; "
+            "print(*d['shape_signature'])")
+    done = subprocess.run([str(litert.venv_python()), "-c", code, str(path)], capture_output=True,
+                          text=True, timeout=300, check=True)
+    return [int(v) for v in done.stdout.split()]
+
+
 def _detections_reference(exp, variables, images, pp):
     """Detections of the network on XLA's ops (as exported), post-processed in JAX
     (``detection.postprocess``), fed images normalised here."""
@@ -119,6 +160,103 @@ def test_savedmodel_and_litert_with_nms_match_jax(trained, tmp_path, method):
         print(f"{method} {fmt}: {diff}")
         assert not diff["class_mismatches"] and not diff["valid_mismatches"], (fmt, diff)
         assert diff["box_rel"] <= 5e-5 and diff["score"] <= 1e-4, (fmt, diff)
+
+
+def test_dynamic_batch_with_nms_runs_at_batch_1_and_7(trained, tmp_path):
+    """``batch_size=dynamic`` with NMS: ``tf_nms`` runs TF's NMS over the images in a While loop
+    (``tf.map_fn``; LiteRT's builtin ``WHILE``); the SavedModel and LiteRT file run at batch 1
+    and 7 with the same top 20 detections per image as JAX's post-processing."""
+    workdir, exp, variables = trained
+    out = tmp_path / "exported"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                "--config.export.formats=savedmodel,tflite", "--config.export.batch_size=dynamic")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["input"]["shape"] == ["batch", 64, 64, 3]
+    assert manifest["outputs"] == list(serving.NMS_OUTPUTS)
+    assert _tflite_input_shape(out / "model.tflite") == [-1, 64, 64, 3]
+    pp = PostprocessConfig(**tiny.get_config().eval.postprocess.to_dict())
+    for batch in (1, 7):
+        images = check_images(batch, 64, 64, seed=20 + batch)
+        reference = _detections_reference(exp, variables, images, pp)
+        assert reference[3].min() >= 20
+        for fmt in ("savedmodel", "tflite"):
+            path = str(out / manifest["files"][fmt])
+            if fmt == "tflite":  # builtin kernels, as in test_savedmodel_and_litert_with_nms_match_jax
+                got = litert.run_tflite(path, images, serving.NMS_OUTPUTS, delegates=False)[0]
+            else:
+                got = formats.run(fmt, path, images, serving.NMS_OUTPUTS)
+            assert [g.shape for g in got] == [r.shape for r in reference], (fmt, batch)
+            diff = parity.detection_differences(reference, got, top_k=20)
+            print(f"dynamic batch {batch} with NMS {fmt}: {diff}")
+            assert not diff["class_mismatches"] and not diff["valid_mismatches"], (fmt, batch, diff)
+            assert diff["box_rel"] <= 5e-5 and diff["score"] <= 1e-4, (fmt, batch, diff)
+
+
+def _letterboxed_reference(exp, variables, images, pp):
+    """Detections in the input's pixels of ``images`` (another size than the model's): the eval
+    pipeline's own letterbox (``data.transforms.resize_crop_pad``, TF) per image, the network on
+    XLA's ops, JAX's post-processing with the pipeline's ``image_scale``, clipped to the input."""
+    import tensorflow as tf
+
+    from effdet_jax.data.transforms import normalize_image, resize_crop_pad
+
+    model = serving.plain_model(exp.model)
+    size = serving.image_size(model)[0]  # square
+    x, scales = [], []
+    for image in images:
+        boxed, _, scale = resize_crop_pad(normalize_image(tf.constant(image), model.config.normalization),
+                                          tf.zeros([0, 4]), size)
+        x.append(boxed.numpy())
+        scales.append(float(scale))
+    boxes = anchors.generate_anchors(model.config.anchor_config())
+
+    def run(variables, x, scales):
+        cls_out, box_out = model.apply(variables, x, train=False)
+        det = postprocess(cls_out, box_out, boxes, model.config.image_size, scales, pp)
+        return tuple(det[k] for k in serving.NMS_OUTPUTS)
+
+    out = [np.asarray(a) for a in jax.jit(run)(variables, np.stack(x), np.asarray(scales, np.float32))]
+    height, width = images.shape[1:3]
+    out[0] = np.clip(out[0], 0.0, np.asarray([height, width, height, width], np.float32))
+    return out
+
+
+def test_letterboxed_savedmodel_and_litert_with_nms_match_jax(trained, tmp_path):
+    """``input_size=48x80`` (not the model's 64x64) with NMS: the SavedModel / LiteRT graph
+    letterboxes the images and ``tf_nms`` scales the boxes back to the input's pixels; the top 20
+    detections per image match the eval pipeline's letterbox + JAX (same classes and valid
+    counts, boxes within 1e-3 px, scores within 1e-4)."""
+    workdir, exp, variables = trained
+    out = tmp_path / "exported"
+    run = _main(f"--workdir={workdir}", "--mode=export", f"--output={out}",
+                "--config.export.formats=savedmodel,tflite", "--config.export.batch_size=2",
+                "--config.export.input_size=48x80")
+    assert run.returncode == 0, run.stderr[-3000:]
+    manifest = json.loads((out / "export.json").read_text())
+    assert manifest["input"]["shape"] == [2, 48, 80, 3]
+    assert manifest["input"]["letterboxed_to"] == [64, 64]
+    images = check_images(2, 48, 80, seed=8)
+    pp = PostprocessConfig(**tiny.get_config().eval.postprocess.to_dict())
+    reference = _letterboxed_reference(exp, variables, images, pp)
+    assert reference[3].min() >= 20
+    for fmt in ("savedmodel", "tflite"):
+        assert f"{fmt}: {out}" in run.stdout
+        path = str(out / manifest["files"][fmt])
+        if fmt == "tflite":  # builtin kernels, as in test_savedmodel_and_litert_with_nms_match_jax
+            got = litert.run_tflite(path, images, serving.NMS_OUTPUTS, delegates=False)[0]
+        else:
+            got = formats.run(fmt, path, images, serving.NMS_OUTPUTS)
+        diff = parity.detection_differences(reference, got, top_k=20)
+        print(f"letterboxed 48x80 {fmt}: {diff}")
+        assert not diff["class_mismatches"] and not diff["valid_mismatches"], (fmt, diff)
+        assert diff["box_px"] <= 1e-3 and diff["score"] <= 1e-4, (fmt, diff)
+        # Input pixels: boxes reach past the model's 64 px in x, never past the 48x80 image.
+        top = got[0][:, :20]
+        assert top[..., 3].max() > 64 and (top <= [48, 80, 48, 80]).all() and (top >= 0).all(), fmt
+    # A fixed-batch LiteRT file refuses a number of images its batch does not divide.
+    with pytest.raises(RuntimeError, match="fixed batch of 2; give a multiple of it, not 3 images"):
+        litert.run_tflite(str(out / "model.tflite"), check_images(3, 48, 80), serving.NMS_OUTPUTS)
 
 
 def test_nms_option_without_tf_equivalent_is_refused_early(trained, tmp_path):

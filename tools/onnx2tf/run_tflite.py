@@ -3,8 +3,10 @@ venv's Python (``effdet_jax/export/litert.py``), so it imports only numpy and ai
 
     python run_tflite.py MODEL.tflite IMAGES.npy OUT.npz [--repeats=N] [--no-delegates]
 
-``IMAGES.npy``: uint8 ``[B, H, W, 3]``; a file with a fixed batch ``b`` dividing ``B`` runs on
-``b`` images at a time (outputs concatenated), in this one process. Writes every output of the
+``IMAGES.npy``: uint8 ``[B, H, W, 3]``; a file with a dynamic batch (-1 in the input's
+``shape_signature``) runs on all ``B`` at once (the signature runner resizes its input tensor to
+``B`` and reallocates), a file with a fixed batch ``b`` dividing ``B`` on ``b`` images at a time
+(outputs concatenated), in this one process. Writes every output of the
 model's default signature to ``OUT.npz`` under its name, and ``__latency_ms__`` (one value per
 repeat, after one warm-up) when ``--repeats`` is given. ``--no-delegates``: LiteRT's builtin
 kernels without its default XNNPACK delegate.
@@ -32,6 +34,9 @@ def main() -> None:
                          experimental_op_resolver_type=resolver).get_signature_runner()
     ((input_name, detail),) = runner.get_input_details().items()
     batch = int(detail["shape_signature"][0])  # -1: a dynamic batch
+    if batch > 0 and len(images) % batch:
+        raise SystemExit(f"{args.model} takes a fixed batch of {batch}; give a multiple of it, "
+                         f"not {len(images)} images")
     if batch < 1 or batch == len(images):
         outputs = runner(**{input_name: images})
     else:
