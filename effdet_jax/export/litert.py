@@ -66,43 +66,64 @@ def convert(
     """Converts ``onnx_path`` with onnx2tf into ``savedmodel_path`` (a folder) and / or
     ``tflite_path`` (``dtype`` one of :data:`TFLITE_SUFFIX`; ``int8``: :func:`quantize_int8` on
     ``calibration``, uint8 ``[N, H, W, 3]`` images). Raises ``RuntimeError`` with onnx2tf's
-    last lines when it fails."""
+    last lines when it fails.
+
+    Two onnx2tf backends, each where it is right: the float32 LiteRT file comes from
+    ``flatbuffer_direct`` (onnx2tf's default: it writes the file from its own model IR, matches
+    JAX at full size, D0 512 within 2.5e-5 of the output scale, in about two minutes); the
+    SavedModel and the float16 / int8 LiteRT files come from ``tf_converter`` (TensorFlow's
+    converter), the only backend that writes them (``flatbuffer_direct``'s own SavedModel
+    export, ``-fdosm``, fails on depthwise convolutions with TensorFlow 2.21).
+    """
     bin_dir = venv_python().parent
     if dtype == "int8" and (calibration is None or not len(calibration)):
         raise ValueError("int8 LiteRT needs calibration images (uint8 [N, H, W, 3])")
+    # onnx2tf calls the onnxsim executable of its venv by name.
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+           "CUDA_VISIBLE_DEVICES": ""}
+    # (``-coion``, which renames the outputs after conversion, mixes up outputs of one shape.)
+    base = [str(bin_dir / "onnx2tf"), "-i", onnx_path, "-kat", "images", "-n"]
+    stem = pathlib.Path(onnx_path).stem
     with tempfile.TemporaryDirectory(dir=output_dir) as work:
-        # (``-coion``, which renames the outputs after conversion, mixes up outputs of one shape.)
-        args = [str(bin_dir / "onnx2tf"), "-i", onnx_path, "-o", work, "-kat", "images", "-n"]
-        if savedmodel_path or dtype != "float32":
-            # The SavedModel and the float16 / int8 files come from TensorFlow's converter; the
-            # default flatbuffer_direct backend writes float32 LiteRT only (its float16 file keeps
-            # float16 activations, which LiteRT's CPU kernels do not run).
-            args += ["-tb", "tf_converter", "-osd"]
-        # onnx2tf calls the onnxsim executable of its venv by name.
-        env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
-               "CUDA_VISIBLE_DEVICES": ""}
+        if tflite_path and dtype == "float32":
+            direct = os.path.join(work, "flatbuffer_direct")
+            # ``-dsm``: strict mode is the tf_converter path's layout correction.
+            done = subprocess.run([*base, "-o", direct, "-dsm"], capture_output=True, text=True,
+                                  timeout=TIMEOUT_S, env=env)
+            tflite = os.path.join(direct, stem + TFLITE_SUFFIX["float32"] + ".tflite")
+            _check(done, onnx_path, tflite)
+            shutil.move(tflite, tflite_path)
+        if not (savedmodel_path or dtype != "float32"):
+            return
+        converted = os.path.join(work, "tf_converter")
+        args = [*base, "-o", converted, "-tb", "tf_converter", "-osd"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
         if done.returncode == -signal.SIGKILL:
             # Killed for memory: strict mode runs the network op by op on dummy data and holds
-            # every activation (over 11 GB for D0 at 512 px). ``-dsm`` skips that accuracy
+            # every activation (15 GB for D0 at 512 px). ``-dsm`` skips that accuracy
             # correction; every written file is checked against JAX either way.
             done = subprocess.run([*args, "-dsm"], capture_output=True, text=True,
                                   timeout=TIMEOUT_S, env=env)
-        stem = pathlib.Path(onnx_path).stem
-        tflite = os.path.join(work, stem + TFLITE_SUFFIX[dtype] + ".tflite")
+        tflite = os.path.join(converted, stem + TFLITE_SUFFIX[dtype] + ".tflite")
         if done.returncode == 0 and dtype == "int8":
-            quantize_int8(work, tflite, calibration)
-        if done.returncode != 0 or (tflite_path and not os.path.exists(tflite)):
-            tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-            raise RuntimeError(f"onnx2tf failed on {onnx_path} (exit {done.returncode}):\n{tail}")
-        if tflite_path:
+            quantize_int8(converted, tflite, calibration)
+        _check(done, onnx_path, tflite if tflite_path and dtype != "float32" else None)
+        if tflite_path and dtype != "float32":
             shutil.move(tflite, tflite_path)
         if savedmodel_path:
             shutil.rmtree(savedmodel_path, ignore_errors=True)
             os.makedirs(savedmodel_path)
             for name in ("saved_model.pb", "variables", "assets", "fingerprint.pb"):
-                if os.path.exists(os.path.join(work, name)):
-                    shutil.move(os.path.join(work, name), os.path.join(savedmodel_path, name))
+                if os.path.exists(os.path.join(converted, name)):
+                    shutil.move(os.path.join(converted, name), os.path.join(savedmodel_path, name))
+
+
+def _check(done: subprocess.CompletedProcess, onnx_path: str, expected: str | None) -> None:
+    """Raises ``RuntimeError`` with onnx2tf's last lines unless it succeeded and wrote
+    ``expected`` (a path, or ``None``)."""
+    if done.returncode != 0 or (expected and not os.path.exists(expected)):
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise RuntimeError(f"onnx2tf failed on {onnx_path} (exit {done.returncode}):\n{tail}")
 
 
 def quantize_int8(saved_model: str, path: str, calibration: np.ndarray | None) -> None:

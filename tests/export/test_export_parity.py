@@ -8,8 +8,8 @@ detections against the same network on XLA's ops (``cpu_kernels="off"``), see ``
 Default suite: D0 (fastattn) raw outputs at 256 px and the graph checks (the tiny model's
 detections are compared in ``tests/train/test_export_cli.py``); D0's detections, its dynamic
 batch (StableHLO and ONNX at batch 1 and 7), the full-size matrix (D0, lite0, D0
-channel_attn) and its SavedModel / LiteRT cells (raw outputs, converted by onnx2tf: ``make
-onnx2tf``) are marked ``slow``.
+channel_attn) and its LiteRT and SavedModel cells (converted by onnx2tf: ``make onnx2tf``)
+are marked ``slow``.
 """
 
 import dataclasses
@@ -191,20 +191,36 @@ def _size_mib(path: str) -> float:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("key", list(MODELS))
-def test_full_size_savedmodel_and_litert(automl_reference, tmp_path, key):
-    """The README table's SavedModel / LiteRT cells: float32 raw outputs of each full-size model,
-    converted from the ONNX file by onnx2tf (minutes to an hour per model), run in TensorFlow and
-    LiteRT on the same uint8 images as JAX, within 1e-4 of the output scale; then TF's NMS
-    around that raw SavedModel (the conversion is the expensive part, so it is not redone), the
-    same top 20 detections. Prints parity and file sizes."""
+def test_full_size_litert(automl_reference, tmp_path, key):
+    """The README table's LiteRT cells: the float32 raw-output file of each full-size model
+    (onnx2tf's flatbuffer_direct backend, minutes), run in LiteRT on the same uint8 images as
+    JAX, within 1e-4 of the output scale. Prints parity and file size."""
     require_onnx2tf()
     model, variables = _model_and_variables(automl_reference, key)
     start = time.perf_counter()
-    result = _check_formats(model, variables, tmp_path, with_nms=False,
-                            fmts=("savedmodel", "tflite"), batch=1)
-    for fmt, path in result.written.items():
-        print(f"{key} {serving.image_size(model)[0]} {fmt}: {_size_mib(path):.1f} MiB, "
-              f"raw_relative {result.parity[fmt]['raw_relative']:.2e}")
+    result = _check_formats(model, variables, tmp_path, with_nms=False, fmts=("tflite",), batch=1)
+    print(f"{key} {serving.image_size(model)[0]} tflite: {_size_mib(result.written['tflite']):.1f} "
+          f"MiB, raw_relative {result.parity['tflite']['raw_relative']:.2e}, export + conversion "
+          f"+ checks {time.perf_counter() - start:.0f} s")
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason=(
+    "onnx2tf's tf_converter backend (the one that writes a SavedModel) misses parity at full size: "
+    "D0 512 raw outputs 2.17 of the output scale off after strict mode; see the README's Export section"))
+@pytest.mark.parametrize("key", list(MODELS))
+def test_full_size_savedmodel(automl_reference, tmp_path, key):
+    """The README table's SavedModel cells: float32 raw outputs of each full-size model
+    (onnx2tf's tf_converter backend with strict mode: over an hour and 15 GB for D0 512 on 2
+    cores), run in TensorFlow on the same uint8 images as JAX, within 1e-4 of the output scale;
+    then TF's NMS around that raw SavedModel (the conversion is the expensive part, so it is not
+    redone), as a SavedModel and a LiteRT file: the same top 20 detections. Strict xfail: it
+    reports when a converter release makes it pass."""
+    require_onnx2tf()
+    model, variables = _model_and_variables(automl_reference, key)
+    start = time.perf_counter()
+    result = _check_formats(model, variables, tmp_path, with_nms=False, fmts=("savedmodel",),
+                            batch=1)
     print(f"{key}: export + conversion + checks {time.perf_counter() - start:.0f} s")
     nms = check_nms_around_raw_savedmodel(model, variables, result.written["savedmodel"],
                                           str(tmp_path / "nms"))
