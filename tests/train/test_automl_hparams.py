@@ -73,6 +73,11 @@ DIFFERENT: dict[str, str] = {
         "the same D0 detections (tested in tests/detection) and is 5-7x faster"),
     "map_freq": "automl evaluates every map_freq epochs; here every eval.every_steps steps",
     "save_freq": "automl saves every epoch; here every checkpoint.every_steps steps",
+    "grad_checkpoint": (
+        "memory, not numerics: automl leaves it off for every model; here config.model.remat is "
+        "chosen per config from the measured activation memory (configs/d5.py-d7x.py: "
+        "blocks+heads, about 1/8 of none's; benchmarks/RESULTS.md), and tests/train/test_remat.py "
+        "checks every policy gives the same loss, gradients and BN statistics"),
 }
 
 NMS_KEYS = ("method", "iou_thresh", "score_thresh", "sigma", "max_output_size", "max_nms_inputs",
@@ -132,7 +137,6 @@ def _ours(config) -> dict[str, Any]:
         "box_class_repeats": model.box_class_repeats,
         "separable_conv": model.separable_conv,
         "mixed_precision": model.dtype != "float32",
-        "grad_checkpoint": model.remat != "none",
         "label_map": data.label_space,
         "input_rand_hflip": data.hflip,
         "jitter_min": data.jitter_min,
@@ -179,7 +183,7 @@ def _expected(h: dict[str, Any]) -> dict[str, Any]:
     out = {key: h[key] for key in (
         "name", "num_classes", "min_level", "max_level", "num_scales", "anchor_scale", "act_type",
         "backbone_name", "fpn_num_filters", "fpn_cell_repeats", "box_class_repeats",
-        "separable_conv", "mixed_precision", "grad_checkpoint", "input_rand_hflip", "jitter_min",
+        "separable_conv", "mixed_precision", "input_rand_hflip", "jitter_min",
         "jitter_max", "max_instances_per_image", "skip_crowd_during_training", "alpha", "gamma",
         "delta", "label_smoothing", "box_loss_weight", "iou_loss_type", "iou_loss_weight",
         "weight_decay", "optimizer", "momentum", "learning_rate", "lr_warmup_init",
