@@ -6,10 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tensorflow as tf
+from letterbox_reference import eval_pipeline_letterbox
 
 from effdet_jax import efficientdet
-from effdet_jax.data.transforms import normalize_image, resize_crop_pad
 from effdet_jax.detection import anchors
 from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.export import check_images, export_model, formats, letterbox, serving
@@ -29,13 +28,7 @@ def tiny():
 
 def _pipeline(images, model):
     """The eval pipeline's letterbox per image (TF), stacked: ``([B, S, S, 3], image_scale [B])``."""
-    out, scales = [], []
-    for image in images:
-        x, _, scale = resize_crop_pad(normalize_image(tf.constant(image), model.config.normalization),
-                                      tf.zeros([0, 4]), SIZE)
-        out.append(x.numpy())
-        scales.append(float(scale))
-    return np.stack(out), np.asarray(scales, np.float32)
+    return eval_pipeline_letterbox(images, model.config.normalization, SIZE)
 
 
 @pytest.mark.parametrize("input_hw", [(48, 80), (100, 30)])

@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from letterbox_reference import eval_pipeline_letterbox
 from onnx2tf_venv import require_onnx2tf
 from train_helpers import subprocess_env
 
@@ -197,18 +198,9 @@ def _letterboxed_reference(exp, variables, images, pp):
     """Detections in the input's pixels of ``images`` (another size than the model's): the eval
     pipeline's own letterbox (``data.transforms.resize_crop_pad``, TF) per image, the network on
     XLA's ops, JAX's post-processing with the pipeline's ``image_scale``, clipped to the input."""
-    import tensorflow as tf
-
-    from effdet_jax.data.transforms import normalize_image, resize_crop_pad
-
     model = serving.plain_model(exp.model)
     size = serving.image_size(model)[0]  # square
-    x, scales = [], []
-    for image in images:
-        boxed, _, scale = resize_crop_pad(normalize_image(tf.constant(image), model.config.normalization),
-                                          tf.zeros([0, 4]), size)
-        x.append(boxed.numpy())
-        scales.append(float(scale))
+    x, scales = eval_pipeline_letterbox(images, model.config.normalization, size)
     boxes = anchors.generate_anchors(model.config.anchor_config())
 
     def run(variables, x, scales):
@@ -216,7 +208,7 @@ def _letterboxed_reference(exp, variables, images, pp):
         det = postprocess(cls_out, box_out, boxes, model.config.image_size, scales, pp)
         return tuple(det[k] for k in serving.NMS_OUTPUTS)
 
-    out = [np.asarray(a) for a in jax.jit(run)(variables, np.stack(x), np.asarray(scales, np.float32))]
+    out = [np.asarray(a) for a in jax.jit(run)(variables, x, scales)]
     height, width = images.shape[1:3]
     out[0] = np.clip(out[0], 0.0, np.asarray([height, width, height, width], np.float32))
     return out
