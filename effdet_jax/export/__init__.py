@@ -4,7 +4,8 @@ pixels, each checked against the JAX model in its own runtime.
 ``export_model(model, variables, options, postprocess_config, output_dir)`` writes the formats
 of ``options`` (``options.ExportOptions``), runs each written file on the same uint8 images as
 the JAX serving function, and writes ``export.json`` (inputs, outputs, normalisation, parity per
-format, and why any format could not be produced). ``serving`` builds the exported function,
+format, which float32 files miss the parity bars (``parity.failures``), and why any format could
+not be produced). ``serving`` builds the exported function,
 ``formats`` holds one writer and runner per format (SavedModel and LiteRT are converted from the
 ONNX file, ``litert``), ``graph_check`` checks the graph is plain XLA, ``parity`` measures the
 differences.
@@ -32,12 +33,14 @@ MANIFEST = "export.json"
 @dataclasses.dataclass
 class ExportResult:
     """What :func:`export_model` wrote: ``written`` format -> path, ``unavailable`` format -> why,
-    ``parity`` format -> :func:`parity.compare` record."""
+    ``parity`` format -> :func:`parity.compare` record, ``parity_failures`` format -> what a
+    written float32 file misses of the parity bars (float16 / int8 LiteRT files have no bar)."""
 
     written: dict[str, str]
     unavailable: dict[str, str]
     parity: dict[str, dict[str, Any]]
     manifest: str
+    parity_failures: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def check_images(batch: int, height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -88,7 +91,7 @@ def export_model(
     if reference is None:
         reference = [np.asarray(x) for x in jax.jit(fn)(images)]
 
-    written, unavailable, records = {}, {}, {}
+    written, unavailable, records, failed = {}, {}, {}, {}
     for fmt in options.formats:
         if fmt in formats.CONVERTED:
             continue
@@ -113,6 +116,9 @@ def export_model(
     for fmt in [f for f in options.formats if f in written]:
         records[fmt] = parity.compare(reference, formats.run(fmt, written[fmt], images, names),
                                       options.with_nms)
+        missed = parity.failures(records[fmt], options.with_nms)
+        if missed and (fmt != "tflite" or options.dtype == "float32"):
+            failed[fmt] = "; ".join(missed)
     manifest = os.path.join(output_dir, MANIFEST)
     mean_rgb, stddev_rgb = serving.plain_model(model).config.normalization
     with open(manifest, "w") as f:
@@ -128,6 +134,7 @@ def export_model(
             "boxes": "[ymin, xmin, ymax, xmax] in input pixels" if options.with_nms else None,
             "files": {k: os.path.basename(v) for k, v in written.items()},
             "parity": records,
+            "parity_failures": failed,
             "unavailable": unavailable,
         }, f, indent=2)
-    return ExportResult(written, unavailable, records, manifest)
+    return ExportResult(written, unavailable, records, manifest, failed)

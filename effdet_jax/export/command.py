@@ -1,5 +1,6 @@
 """``python main.py --mode=export``: the workdir's weights through :func:`export_model`, a
-summary per format on stdout, and an error naming every format that could not be produced."""
+summary per format on stdout, and an error naming every format that could not be produced and
+every written float32 file that does not reproduce the JAX model (``parity.failures``)."""
 
 from __future__ import annotations
 
@@ -13,14 +14,34 @@ from effdet_jax.export.options import parse_options
 
 
 class ExportIncompleteError(RuntimeError):
-    """Some requested formats could not be produced; the message says which and why."""
+    """Some requested formats could not be produced, or a written one does not reproduce the
+    model; the message says which and why."""
 
 
 def summary_lines(result: ExportResult) -> list[str]:
-    """One line per format: the written file and its parity, or why it is missing."""
-    lines = [f"{fmt}: {path} parity {result.parity[fmt]}" for fmt, path in result.written.items()]
+    """One line per format: the written file and its parity (and what it misses of the bars),
+    or why it is missing."""
+    lines = []
+    for fmt, path in result.written.items():
+        line = f"{fmt}: {path} parity {result.parity[fmt]}"
+        if fmt in result.parity_failures:
+            line += f" FAILS PARITY: {result.parity_failures[fmt]}"
+        lines.append(line)
     lines += [f"{fmt}: NOT PRODUCED: {why}" for fmt, why in result.unavailable.items()]
     return lines
+
+
+def incomplete_message(result: ExportResult, output_dir: str) -> str | None:
+    """The error of an export with missing formats or files that fail parity; ``None`` when
+    every requested format was written and reproduces the model."""
+    problems = [f"not produced: {why}" for why in result.unavailable.values()]
+    problems += [
+        f"{fmt} FAILS PARITY ({why}): {result.written[fmt]} is written but does not reproduce the "
+        "model, do not deploy it (the README's export table lists the converter limits)"
+        for fmt, why in result.parity_failures.items()]
+    if not problems:
+        return None
+    return "; ".join(problems) + f" (the other formats are in {output_dir})"
 
 
 # Images of the configured eval data that calibrate an int8 LiteRT file.
@@ -64,9 +85,7 @@ def run_export(config: ml_collections.ConfigDict, workdir: str, output_dir: str)
                           calibration=calibration)
     for line in summary_lines(result):
         print(line)
-    if result.unavailable:
-        raise ExportIncompleteError(
-            "not produced: " + "; ".join(result.unavailable.values())
-            + f" (the other formats are in {output_dir})"
-        )
+    message = incomplete_message(result, output_dir)
+    if message:
+        raise ExportIncompleteError(message)
     return result

@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import tempfile
 from collections.abc import Sequence
@@ -25,13 +24,12 @@ import numpy as np
 
 ENV_VAR = "EFFDET_JAX_ONNX2TF_VENV"
 DEFAULT_VENV = pathlib.Path.home() / ".cache" / "effdet_jax" / "onnx2tf-venv"
-RUN_TFLITE = pathlib.Path(__file__).resolve().parents[2] / "tools" / "onnx2tf" / "run_tflite.py"
-# File name suffix of each LiteRT dtype: onnx2tf's float32 / float16 files, and the int8 one
-# :func:`quantize_int8` writes.
-TFLITE_SUFFIX = {"float32": "_float32", "float16": "_float16", "int8": "_int8"}
-# A guard against a hung converter, not an expected duration: onnx2tf's strict mode on D0 at
-# 512 px runs for over an hour on a 2-core machine.
-TIMEOUT_S = 6 * 3600
+TOOLS = pathlib.Path(__file__).resolve().parents[2] / "tools" / "onnx2tf"
+RUN_TFLITE = TOOLS / "run_tflite.py"
+ONNX2TF_CLI = TOOLS / "onnx2tf_cli.py"
+# A guard against a hung converter, not an expected duration (D0 at 512 px converts in about a
+# minute on a 2-core machine).
+TIMEOUT_S = 3600
 
 
 class ConverterMissingError(RuntimeError):
@@ -64,84 +62,79 @@ def convert(
     calibration: np.ndarray | None = None,
 ) -> None:
     """Converts ``onnx_path`` with onnx2tf into ``savedmodel_path`` (a folder) and / or
-    ``tflite_path`` (``dtype`` one of :data:`TFLITE_SUFFIX`; ``int8``: :func:`quantize_int8` on
+    ``tflite_path`` (``dtype`` one of ``options.DTYPES``; ``int8``: calibrated on
     ``calibration``, uint8 ``[N, H, W, 3]`` images). Raises ``RuntimeError`` with onnx2tf's
     last lines when it fails.
 
-    Two onnx2tf backends, each where it is right: the float32 LiteRT file comes from
-    ``flatbuffer_direct`` (onnx2tf's default: it writes the file from its own model IR, matches
-    JAX at full size, D0 512 within 2.5e-5 of the output scale, in about two minutes); the
-    SavedModel and the float16 / int8 LiteRT files come from ``tf_converter`` (TensorFlow's
-    converter), the only backend that writes them (``flatbuffer_direct``'s own SavedModel
-    export, ``-fdosm``, fails on depthwise convolutions with TensorFlow 2.21).
+    One onnx2tf run with its default ``flatbuffer_direct`` backend, which writes the float32
+    LiteRT file from its own model IR and, with ``-fdosm``, a SavedModel that runs the same ops
+    as TF ops (through ``tools/onnx2tf/onnx2tf_cli.py``, which fixes how onnx2tf 2.6.9 calls
+    ``tf.nn.depthwise_conv2d`` there). Both match JAX at full size (D0 512: LiteRT 2.5e-5,
+    SavedModel 1.7e-5 of the output scale) in about a minute. The float16 and int8 LiteRT files
+    come from TensorFlow's converter on that SavedModel (:func:`quantize`): flatbuffer_direct's
+    own float16 file computes in float16, which LiteRT's CPU convolution kernels reject.
+    (onnx2tf's other backend, ``tf_converter``, is off at full size: D0 512 2.17 of the output
+    scale after an hour of its strict mode.)
     """
-    bin_dir = venv_python().parent
+    python = venv_python()
     if dtype == "int8" and (calibration is None or not len(calibration)):
         raise ValueError("int8 LiteRT needs calibration images (uint8 [N, H, W, 3])")
     # onnx2tf calls the onnxsim executable of its venv by name.
-    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+    env = {**os.environ, "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "CUDA_VISIBLE_DEVICES": ""}
-    # (``-coion``, which renames the outputs after conversion, mixes up outputs of one shape.)
-    base = [str(bin_dir / "onnx2tf"), "-i", onnx_path, "-kat", "images", "-n"]
-    stem = pathlib.Path(onnx_path).stem
+    need_savedmodel = bool(savedmodel_path) or (bool(tflite_path) and dtype != "float32")
     with tempfile.TemporaryDirectory(dir=output_dir) as work:
-        if tflite_path and dtype == "float32":
-            direct = os.path.join(work, "flatbuffer_direct")
-            # ``-dsm``: strict mode is the tf_converter path's layout correction.
-            done = subprocess.run([*base, "-o", direct, "-dsm"], capture_output=True, text=True,
-                                  timeout=TIMEOUT_S, env=env)
-            tflite = os.path.join(direct, stem + TFLITE_SUFFIX["float32"] + ".tflite")
-            _check(done, onnx_path, tflite)
-            shutil.move(tflite, tflite_path)
-        if not (savedmodel_path or dtype != "float32"):
-            return
-        converted = os.path.join(work, "tf_converter")
-        args = [*base, "-o", converted, "-tb", "tf_converter", "-osd"]
+        # ``-kat images``: the uint8 NHWC input keeps its layout; ``-n``: no onnxsim rewrite
+        # of the already simplified graph; ``-dsm``: no strict-mode accuracy pass (a
+        # tf_converter feature; every written file is checked against JAX instead).
+        # (``-coion``, which renames the outputs after conversion, mixes up outputs of one shape.)
+        args = [str(python), str(ONNX2TF_CLI), "-i", onnx_path, "-o", work, "-kat", "images",
+                "-n", "-dsm", *(["-fdosm"] if need_savedmodel else [])]
         done = subprocess.run(args, capture_output=True, text=True, timeout=TIMEOUT_S, env=env)
-        if done.returncode == -signal.SIGKILL:
-            # Killed for memory: strict mode runs the network op by op on dummy data and holds
-            # every activation (15 GB for D0 at 512 px). ``-dsm`` skips that accuracy
-            # correction; every written file is checked against JAX either way.
-            done = subprocess.run([*args, "-dsm"], capture_output=True, text=True,
-                                  timeout=TIMEOUT_S, env=env)
-        tflite = os.path.join(converted, stem + TFLITE_SUFFIX[dtype] + ".tflite")
-        if done.returncode == 0 and dtype == "int8":
-            quantize_int8(converted, tflite, calibration)
-        _check(done, onnx_path, tflite if tflite_path and dtype != "float32" else None)
-        if tflite_path and dtype != "float32":
-            shutil.move(tflite, tflite_path)
+        float32 = os.path.join(work, pathlib.Path(onnx_path).stem + "_float32.tflite")
+        _check(done, onnx_path, [*([float32] if tflite_path else []),
+                                 *([os.path.join(work, "saved_model.pb")] if need_savedmodel else [])])
+        if tflite_path:
+            if dtype == "float32":
+                shutil.move(float32, tflite_path)
+            else:
+                quantize(work, tflite_path, dtype, calibration)
         if savedmodel_path:
             shutil.rmtree(savedmodel_path, ignore_errors=True)
             os.makedirs(savedmodel_path)
             for name in ("saved_model.pb", "variables", "assets", "fingerprint.pb"):
-                if os.path.exists(os.path.join(converted, name)):
-                    shutil.move(os.path.join(converted, name), os.path.join(savedmodel_path, name))
+                if os.path.exists(os.path.join(work, name)):
+                    shutil.move(os.path.join(work, name), os.path.join(savedmodel_path, name))
 
 
-def _check(done: subprocess.CompletedProcess, onnx_path: str, expected: str | None) -> None:
-    """Raises ``RuntimeError`` with onnx2tf's last lines unless it succeeded and wrote
-    ``expected`` (a path, or ``None``)."""
-    if done.returncode != 0 or (expected and not os.path.exists(expected)):
+def _check(done: subprocess.CompletedProcess, onnx_path: str, expected: Sequence[str]) -> None:
+    """Raises ``RuntimeError`` with onnx2tf's last lines unless it succeeded and wrote every
+    path of ``expected``."""
+    if done.returncode != 0 or not all(os.path.exists(p) for p in expected):
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise RuntimeError(f"onnx2tf failed on {onnx_path} (exit {done.returncode}):\n{tail}")
 
 
-def quantize_int8(saved_model: str, path: str, calibration: np.ndarray | None) -> None:
-    """int8 LiteRT from onnx2tf's SavedModel with TensorFlow's converter: int8 weights and
-    activations (float kernels where an op has no int8 one), calibrated on ``calibration``
-    (uint8 ``[N, H, W, 3]``, fed in batches of the SavedModel's input). The uint8 input and
-    float32 outputs stay.
+def quantize(saved_model: str, path: str, dtype: str, calibration: np.ndarray | None) -> None:
+    """A float16 or int8 LiteRT file from onnx2tf's SavedModel with TensorFlow's converter.
+    ``float16``: float16 weights, dequantized to float32 at load, float32 compute. ``int8``:
+    int8 weights and activations (float kernels where an op has no int8 one), calibrated on
+    ``calibration`` (uint8 ``[N, H, W, 3]``, fed in batches of the SavedModel's input). The
+    uint8 input and float32 outputs stay.
 
     (onnx2tf's own ``-oiqt`` feeds float32 calibration data, which a uint8 input refuses.)
     """
     import tensorflow as tf
 
-    signature = tf.saved_model.load(saved_model).signatures["serving_default"]
-    batch = signature.structured_input_signature[1]["images"].shape[0] or 1
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
     converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: (
-        [calibration[i:i + batch]] for i in range(0, len(calibration) - batch + 1, batch))
+    if dtype == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    else:
+        signature = tf.saved_model.load(saved_model).signatures["serving_default"]
+        batch = signature.structured_input_signature[1]["images"].shape[0] or 1
+        converter.representative_dataset = lambda: (
+            [calibration[i:i + batch]] for i in range(0, len(calibration) - batch + 1, batch))
     with open(path, "wb") as f:
         f.write(converter.convert())
 

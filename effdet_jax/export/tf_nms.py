@@ -13,7 +13,8 @@ Its ``serving_default`` signature gives ``boxes [B, D, 4]`` float32 ``[ymin, xmi
 in input pixels, ``scores [B, D]``, ``classes [B, D]`` int32 (-1 on padding rows) and
 ``valid [B]`` int32. A fixed batch is unrolled image by image; a dynamic one (``B`` ``None`` in
 the raw SavedModel's signature) runs the per-image post-processing in ``tf.map_fn``, a While loop
-over the images. :func:`write_tflite` converts it with TensorFlow's LiteRT converter:
+over the images; its LiteRT file runs the batch-1 network and the NMS of each image in one step
+of that loop (``per_image_network``). :func:`write_tflite` converts it with TensorFlow's LiteRT converter:
 ``NonMaxSuppressionV5`` becomes LiteRT's builtin ``NON_MAX_SUPPRESSION_V5`` and the loop its
 builtin ``WHILE`` (no select TF ops).
 
@@ -121,8 +122,14 @@ def _detect_one(tf, logits, deltas, graph: NmsGraph, config: PostprocessConfig):
 
 
 def write_savedmodel(raw_savedmodel: str, path: str, raw_names: Sequence[str], graph: NmsGraph,
-                     config: PostprocessConfig) -> None:
-    """Writes the SavedModel with NMS to ``path`` (a folder) from onnx2tf's raw one."""
+                     config: PostprocessConfig, per_image_network: bool = False) -> None:
+    """Writes the SavedModel with NMS to ``path`` (a folder) from onnx2tf's raw one.
+
+    ``per_image_network``: the raw SavedModel takes one image (batch 1) and the written one any
+    number, running the network and the NMS of each image in one step of the While loop. That is
+    the LiteRT form of a dynamic batch: onnx2tf's dynamic-batch graph leaves the convolutions'
+    input shapes unknown (``[?, ?, ?, ?]``), which TF's LiteRT converter cannot lower.
+    """
     import tensorflow as tf
 
     from effdet_jax.export import litert
@@ -130,7 +137,9 @@ def write_savedmodel(raw_savedmodel: str, path: str, raw_names: Sequence[str], g
     raw = tf.saved_model.load(raw_savedmodel)
     signature = raw.signatures["serving_default"]
     spec = signature.structured_input_signature[1]["images"]
-    batch = spec.shape[0]  # None: a dynamic batch
+    if per_image_network and spec.shape[0] != 1:
+        raise ValueError(f"per_image_network needs a batch-1 raw SavedModel, not {spec.shape}")
+    batch = None if per_image_network else spec.shape[0]  # None: a dynamic batch
     n_levels = len(raw_names) // 2
     d = config.max_detections
     per_image_spec = (tf.TensorSpec([d, 4], tf.float32), tf.TensorSpec([d], tf.float32),
@@ -146,18 +155,29 @@ def write_savedmodel(raw_savedmodel: str, path: str, raw_names: Sequence[str], g
             super().__init__()
             self.raw = raw
 
-        @tf.function(input_signature=[tf.TensorSpec(spec.shape, tf.uint8, name="images")])
-        def serve(self, images):
+        def network(self, images):
+            """``(logits [B, N, C], deltas [B, N, 4])`` of uint8 ``images`` ``[B, H, W, 3]``."""
             outs = litert.outputs_in_order(self.raw.signatures["serving_default"](images=images),
                                            raw_names)
-            logits = flat(outs[:n_levels], graph.num_classes)
-            deltas = flat(outs[n_levels:], 4)
-            if batch is None:
+            return flat(outs[:n_levels], graph.num_classes), flat(outs[n_levels:], 4)
+
+        @tf.function(input_signature=[tf.TensorSpec([batch, *spec.shape[1:]], tf.uint8,
+                                                    name="images")])
+        def serve(self, images):
+            if per_image_network:
+                def detect(image):
+                    logits, deltas = self.network(image[None])
+                    return _detect_one(tf, logits[0], deltas[0], graph, config)
+
+                stacked = tf.map_fn(detect, images, fn_output_signature=per_image_spec)
+            elif batch is None:
                 # One image per step of a While loop (LiteRT's builtin WHILE): TF's NMS takes one
                 # image, and the loop runs as many steps as the input has images.
+                logits, deltas = self.network(images)
                 stacked = tf.map_fn(lambda x: _detect_one(tf, x[0], x[1], graph, config),
                                     (logits, deltas), fn_output_signature=per_image_spec)
             else:
+                logits, deltas = self.network(images)
                 per_image = [_detect_one(tf, logits[i], deltas[i], graph, config)
                              for i in range(batch)]
                 stacked = [tf.stack([det[j] for det in per_image]) for j in range(4)]
@@ -205,18 +225,33 @@ def convert_with_nms(
     raw_fn = serving.make_serving_fn(model, variables, None, options.input_size)
     raw_names = serving.output_names(model, False)
     height, width = options.input_size or serving.image_size(model)
-    spec = formats.input_spec(options.batch_size, height, width)
-    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
-        onnx_path = formats.write("onnx", raw_fn, spec, tmp, raw_names)
-        raw_savedmodel = os.path.join(tmp, "raw_saved_model")
+    nms = nms_graph(model, options.input_size)
+
+    def raw_savedmodel(batch_size: int | None, tmp: str) -> str:
+        """onnx2tf's raw-output SavedModel of the network at ``batch_size`` in ``tmp``."""
+        onnx_path = formats.write("onnx", raw_fn, formats.input_spec(batch_size, height, width),
+                                  tmp, raw_names)
+        raw = os.path.join(tmp, "raw_saved_model")
         try:
-            litert.convert(onnx_path, tmp, savedmodel_path=raw_savedmodel, tflite_path=None)
+            litert.convert(onnx_path, tmp, savedmodel_path=raw, tflite_path=None)
         except RuntimeError as e:
             raise formats.FormatUnavailableError(f"{label}: {e}") from e
-        savedmodel = paths.get("savedmodel") or os.path.join(tmp, "saved_model")
-        shutil.rmtree(savedmodel, ignore_errors=True)
-        write_savedmodel(raw_savedmodel, savedmodel, raw_names, nms_graph(model, options.input_size),
-                         config)
+        return raw
+
+    # A dynamic batch's LiteRT file runs the batch-1 network per image (see write_savedmodel).
+    per_image_tflite = "tflite" in paths and options.batch_size is None
+    with tempfile.TemporaryDirectory(dir=output_dir) as tmp:
+        if "savedmodel" in paths or not per_image_tflite:
+            savedmodel = paths.get("savedmodel") or os.path.join(tmp, "saved_model")
+            shutil.rmtree(savedmodel, ignore_errors=True)
+            write_savedmodel(raw_savedmodel(options.batch_size, tmp), savedmodel, raw_names, nms,
+                             config)
+        if per_image_tflite:
+            per_image_dir = os.path.join(tmp, "per_image")
+            os.makedirs(per_image_dir)
+            savedmodel = os.path.join(per_image_dir, "saved_model")
+            write_savedmodel(raw_savedmodel(1, per_image_dir), savedmodel, raw_names, nms, config,
+                             per_image_network=True)
         if "tflite" in paths:
             write_tflite(savedmodel, paths["tflite"])
     return paths
