@@ -14,6 +14,8 @@ eval pipeline's letterboxed images, de-normalised and rounded to uint8 pixels.
 from __future__ import annotations
 
 import json
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,9 @@ from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.export import formats, parity, serving
 from effdet_jax.train import batches, trainer
 
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))  # the config files import configs/
 config_flags.DEFINE_config_file("config", None, "Training config of the workdir.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Trained workdir (its latest checkpoint, EMA weights).")
 flags.DEFINE_list("files", [], "FORMAT:PATH of each exported file (raw outputs, batch 1).")
