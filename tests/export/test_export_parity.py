@@ -138,6 +138,32 @@ def test_d0_dynamic_batch_runs_at_batch_1_and_7(automl_reference, tmp_path, fmt)
         assert err <= RAW_TOLERANCE, (batch, err)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("with_nms", [False, True], ids=["raw", "nms"])
+def test_d0_dynamic_batch_savedmodel_and_litert_run_at_batch_1_and_7(automl_reference, tmp_path,
+                                                                       with_nms):
+    """D0 (automl's weights, 256 px) exported with ``batch_size=dynamic`` as SavedModel and
+    LiteRT runs at batch 1 and 7, each within the parity bars of JAX on the same images."""
+    require_onnx2tf()
+    model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
+    pp = PostprocessConfig() if with_nms else None
+    result = export_model(model, variables, ExportOptions(("savedmodel", "tflite"), None, with_nms,
+                                                          "float32"),
+                          PostprocessConfig(), str(tmp_path))
+    assert not result.unavailable and not result.parity_failures, result
+    names = serving.output_names(model, with_nms)
+    for batch in (1, 7):
+        images = check_images(batch, 256, 256, seed=10 + batch)
+        reference = _jax_reference(serving.plain_model(model) if with_nms else model, variables,
+                                   images, pp)
+        for fmt, path in result.written.items():
+            out = formats.run(fmt, path, images, names)
+            assert out[0].shape[0] == batch
+            record = parity.compare(reference, out, with_nms)
+            print(f"d0 256 dynamic {'nms' if with_nms else 'raw'} batch {batch} {fmt}: {record}")
+            assert not parity.failures(record, with_nms), (fmt, batch, record)
+
+
 def test_exported_graph_is_plain_xla(automl_reference):
     model, variables = _model_and_variables(automl_reference, "d0", image_size=256)
     spec = formats.input_spec(None, 256, 256)
