@@ -2,28 +2,18 @@
 return boxes in the input's pixels: checked against the eval pipeline's own TF transform
 (``data.transforms.resize_crop_pad``) followed by the JAX model and post-processing."""
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from letterbox_reference import eval_pipeline_letterbox
 
-from effdet_jax import efficientdet
 from effdet_jax.detection import anchors
 from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.export import check_images, export_model, formats, letterbox, serving
 from effdet_jax.export.options import ExportOptions, parse_input_size
 
-SIZE = 64
+SIZE = 64  # the image size of the `tiny` fixture (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = efficientdet("efficientdet-d0", image_size=SIZE, num_classes=4, fpn_num_filters=16,
-                         fpn_cell_repeats=1, box_class_repeats=1, max_level=5,
-                         backbone_overrides={"width_coefficient": 0.25, "depth_coefficient": 0.25})
-    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    return model, jax.device_get(variables)
 
 
 def _pipeline(images, model):

@@ -6,26 +6,17 @@ near-tied detections in either order pass, another class or a moved box does not
 import json
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from effdet_jax import efficientdet
 from effdet_jax.detection.postprocess import PostprocessConfig
 from effdet_jax.export import check_images, export_model, parity, serving
 from effdet_jax.export.command import incomplete_message, summary_lines
 from effdet_jax.export.options import ExportOptions
 
-SIZE = 64
+SIZE = 64  # the image size of the `tiny` fixture (conftest.py)
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    model = efficientdet("efficientdet-d0", image_size=SIZE, num_classes=4, fpn_num_filters=16,
-                         fpn_cell_repeats=1, box_class_repeats=1, max_level=5,
-                         backbone_overrides={"width_coefficient": 0.25, "depth_coefficient": 0.25})
-    variables = model.init(jax.random.key(0), jnp.zeros((1, SIZE, SIZE, 3)), train=False)
-    return model, jax.device_get(variables)
 
 
 def _reference(model, variables, images, with_nms):
