@@ -4,6 +4,11 @@
 Resuming is ``main.py``'s: a workdir with checkpoints continues from the last one. A finished run
 (``result.json``) is reused; a run that exits non-zero is returned with its error and the end of
 its console, so the sweep goes on and reports it, and the next invocation resumes it.
+
+A finished run's ``result.json`` (its curves, resolved config and command, with paths relative to
+the repository) is all the report needs. It is small and committed with the sweep's results
+(``experiments/results/SWEEP/runs/*/result.json``; checkpoints and events stay ignored), so a
+sweep also continues on another machine: the finished runs are reused, the rest run there.
 """
 
 from __future__ import annotations
@@ -89,7 +94,8 @@ def run(arm: Arm, seed: int, base: str, extra_flags: Sequence[str], config: dict
     with open(workdir / "console.txt", "a") as console:
         proc = subprocess.run(cmd, stdout=console, stderr=subprocess.STDOUT, cwd=ROOT)
     result = {"arm": arm.label, "seed": seed, "returncode": proc.returncode,
-              "wall_s": round(time.time() - start, 1), "resumed": resumed, "command": cmd}
+              "wall_s": round(time.time() - start, 1), "resumed": resumed,
+              "command": portable_command(cmd)}
     if proc.returncode != 0:
         tail = (workdir / "console.txt").read_text(errors="replace").strip().splitlines()[-3:]
         result["error"] = (f"exit {proc.returncode}: {' | '.join(tail)} (see {workdir}/console.txt; "
@@ -99,6 +105,21 @@ def run(arm: Arm, seed: int, base: str, extra_flags: Sequence[str], config: dict
     result["config"] = config
     result_path.write_text(json.dumps(result))
     return result
+
+
+def portable_command(cmd: Sequence[str]) -> list[str]:
+    """``cmd`` as a user on another machine types it: ``python`` for this interpreter and paths
+    inside the repository relative to its root, so a committed ``result.json`` names no local
+    path."""
+    def portable(arg: str) -> str:
+        if arg == sys.executable:
+            return "python"
+        flag, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        path = pathlib.Path(value)
+        if path.is_absolute() and path.is_relative_to(ROOT):
+            value = str(path.relative_to(ROOT))
+        return f"{flag}{eq}{value}"
+    return [portable(arg) for arg in cmd]
 
 
 def run_config(config, seed: int) -> dict:
