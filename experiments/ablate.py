@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
 
     title = f"{' x '.join(args.sweep)} on {pathlib.Path(spec.base.partition(':')[0]).name}"
     meta = {"command": ["experiments/ablate.py", *(argv if argv is not None else sys.argv[1:])],
-            "base": spec.base, "sweep": args.sweep, "set": list(spec.extra_flags),
+            "base": runs.portable_command([spec.base])[0], "sweep": args.sweep, "set": list(spec.extra_flags),
             "seeds": args.seeds,
             "arms_overrides": {a.label: dict(a.overrides) for a in spec.arms}}
     print(report.write(out, results, spec.baseline, meta, title))

@@ -88,6 +88,11 @@ def test_sweep_over_a_config_key(tmp_path):
         log = (tmp_path / "runs" / run_dir / "log.txt").read_text()
         assert "train step ready after" in log and "loaded from the persistent compilation cache" in log
 
+    # A run's result.json records the command as typed in the repository (no local interpreter).
+    result = json.loads((tmp_path / "runs" / "true_seed0" / "result.json").read_text())
+    assert result["command"][:3] == ["python", "main.py", "--config=configs/tiny.py"]
+    assert result["command"][3] == f"--workdir={tmp_path / 'runs' / 'true_seed0'}"
+
     # The same command again reuses every finished run (no training).
     again = _run("ablate.py", *args, timeout=120)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -97,6 +102,24 @@ def test_sweep_over_a_config_key(tmp_path):
     arm = sweep.Arm(base, ((key, base),))
     with pytest.raises(sweep.SweepError, match=r"config.train.total_steps differ\): give a new --out"):
         runs_lib.run(arm, 0, "configs/tiny.py", (), changed, tmp_path)
+
+
+def test_portable_command_and_committed_run_results():
+    """Paths inside the repository become relative and this interpreter ``python``; of a run
+    folder under experiments/results, git keeps result.json only (the sweep resumes from it on
+    another machine) and ignores checkpoints and logs."""
+    run_dir = "experiments/results/some_sweep/runs/sum_seed0"
+    cmd = [sys.executable, str(ROOT / "main.py"), f"--config={ROOT / 'configs' / 'tiny.py'}",
+           f"--workdir={ROOT / run_dir}", "--workdir=/elsewhere/run", "--config.train.seed=0"]
+    assert runs_lib.portable_command(cmd) == [
+        "python", "main.py", "--config=configs/tiny.py", f"--workdir={run_dir}",
+        "--workdir=/elsewhere/run", "--config.train.seed=0"]
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    files = [f"{run_dir}/result.json", f"{run_dir}/checkpoints/3/x", f"{run_dir}/log.txt"]
+    proc = subprocess.run(["git", "check-ignore", "--no-index", *files], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert proc.stdout.split() == files[1:], proc.stdout + proc.stderr
 
 
 @pytest.mark.parametrize("sweep_arg, message", [
