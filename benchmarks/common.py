@@ -257,8 +257,9 @@ def run_case(python: pathlib.Path | str, script: pathlib.Path | str, case: dict,
     return result
 
 
-def machine_info() -> dict:
-    """CPU model, cores, kernel, date and library versions (both venvs)."""
+def machine_info(jax_python: pathlib.Path | str = JAX_PYTHON) -> dict:
+    """CPU model, cores, kernel, date and library versions (both venvs; ``jax_python`` is the
+    interpreter of the JAX side, the repository's ``.venv`` unless a script ran another)."""
     cpu = platform.processor()
     try:
         for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
@@ -276,7 +277,7 @@ def machine_info() -> dict:
         "cores": os.cpu_count(),
         "kernel": platform.release(),
     }
-    jax_versions = _versions(JAX_PYTHON, ("jax", "jaxlib", "flax", "optax"))
+    jax_versions = _versions(jax_python, ("jax", "jaxlib", "flax", "optax"))
     torch_versions = _versions(TORCH_PYTHON, ("torch", "timm", "effdet"))
     info["jax_side"] = jax_versions
     info["torch_side"] = torch_versions

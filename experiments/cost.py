@@ -118,10 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     for (label, mode), runs in samples.items():
         arms[label][mode] = pool_processes(runs)
 
-    machine = machine_info()
+    machine = machine_info(jax_python=sys.executable)  # the interpreter that ran the cases
     machine.pop("torch_side", None)
-    machine["jax_side"] = {"python": sys.executable, **{
-        k: v for k, v in machine.get("jax_side", {}).items() if k != "error"}}
     cost = {"command": ["experiments/cost.py", *(argv if argv is not None else sys.argv[1:])],
             "machine": machine, "threads": args.threads, "processes": args.processes,
             "infer_batch": args.infer_batch,
