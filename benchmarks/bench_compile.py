@@ -9,11 +9,17 @@ it. Reported per case:
 - ``lower_s``: tracing + lowering (Python and JAX side),
 - ``stablehlo_lines`` / ``stablehlo_mb``: size of the lowered module's text,
 - ``compile_s``: XLA's compile of that module (``compile_cpu_s``: its CPU time, all threads),
-- ``max_rss_mb``: the process's peak resident set size (compilation included).
+- ``max_rss_mb``: the process's peak resident set size (compilation included),
+- with ``--steps N``: the compiled step's wall time on a real state and a synthetic batch
+  (``step_median_ms`` / ``step_min_ms`` over N calls after 2 warm-up calls), so a compile option
+  is judged by what it costs each step too.
+
+``--cpu-preset`` sets ``config.xla_cpu_opt_preset`` (``effdet_jax/train/compile_options.py``).
 
     .venv/bin/python benchmarks/bench_compile.py --configs d0,d3 --image-size 512 --batch 8
     .venv/bin/python benchmarks/bench_compile.py --configs d7x --image-size 256 --batch 8 \
         --out benchmarks/results/compile_cpu.json
+    .venv/bin/python benchmarks/bench_compile.py --configs d0 --cpu-preset default --steps 8
 
 Compiling is CPU-bound: measure on an otherwise idle machine (the driver waits for a low load and
 records the load before and after each case).
@@ -36,6 +42,7 @@ from common import (  # noqa: E402
     max_rss_mb,
     pin_threads,
     run_case,
+    timed,
     wait_for_low_load,
 )
 
@@ -52,6 +59,8 @@ def measure(case: dict) -> dict:
     from effdet_jax.train.config_validation import validate_config
 
     config.train.batch_size = case["batch"]
+    if case.get("cpu_preset"):
+        config.xla_cpu_opt_preset = case["cpu_preset"]
     config.mesh.data = 1
     validate_config(config, num_devices=1)
     exp = experiment.build_experiment(config)
@@ -70,8 +79,9 @@ def measure(case: dict) -> dict:
         lowered = exp.train_step.lower(state, batch)
     text = lowered.as_text()
     c1, t1 = time.process_time(), time.perf_counter()
-    lowered.compile()
+    compiled = lowered.compile()
     c2, t2 = time.process_time(), time.perf_counter()
+    step = time_steps(exp, compiled, case) if case.get("steps") else {}
     return {
         **case,
         "backend": jax.default_backend(),
@@ -83,16 +93,47 @@ def measure(case: dict) -> dict:
         "lower_cpu_s": round(c1 - c0, 2),
         "compile_cpu_s": round(c2 - c1, 2),
         "max_rss_mb": round(max_rss_mb()),
+        **step,
     }
 
 
+def time_steps(exp, compiled, case: dict) -> dict:
+    """Wall time of ``case["steps"]`` calls of the ``compiled`` train step of ``exp`` on an
+    initialised state and a synthetic batch (random images, 8 boxes per image)."""
+    import jax
+    import numpy as np
+    from jax_side import synthetic_gt
+
+    b, s = case["batch"], exp.image_size
+    boxes, classes = synthetic_gt(b, s, exp.config.model.num_classes)
+    m = exp.config.data.max_instances_per_image
+    images = np.random.default_rng(0).normal(size=(b, s, s, 3)).astype(np.float32)
+    batch = jax.device_put({"images": images, "boxes": boxes[:, :m], "classes": classes[:, :m]},
+                           exp.batch_sharding)
+    holder = {"state": exp.init(jax.random.PRNGKey(0))}
+
+    def call():
+        holder["state"], metrics = compiled(holder["state"], batch)
+        jax.block_until_ready(metrics)
+
+    stats = timed(call, warmup=2, repeats=case["steps"])
+    return {"step_median_ms": round(stats["median_ms"], 1), "step_min_ms": round(stats["min_ms"], 1),
+            "step_times_ms": stats["times_ms"]}
+
+
 def main() -> None:
+    from effdet_jax.train.compile_options import CPU_OPT_PRESETS
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--case", help="internal: one case as JSON, run in this process")
     parser.add_argument("--configs", default="d0,d3")
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--cpu-kernels", default="auto", choices=("auto", "off"))
+    parser.add_argument("--cpu-preset", choices=tuple(CPU_OPT_PRESETS),
+                        help="config.xla_cpu_opt_preset (default: the config's)")
+    parser.add_argument("--steps", type=int, default=0,
+                        help="also time this many calls of the compiled step (0: compile only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-load", type=float, default=0.5)
     parser.add_argument("--timeout", type=float, default=3600)
@@ -104,7 +145,8 @@ def main() -> None:
     results = []
     for name in args.configs.split(","):
         case = {"config": name, "image_size": args.image_size, "batch": args.batch,
-                "cpu_kernels": args.cpu_kernels}
+                "cpu_kernels": args.cpu_kernels, "cpu_preset": args.cpu_preset,
+                "steps": args.steps}
         wait_for_low_load(args.max_load, timeout_s=600)
         result = run_case(JAX_PYTHON, __file__, case, args.threads, timeout_s=args.timeout)
         print(json.dumps(result), flush=True)

@@ -140,4 +140,7 @@ def get_config() -> ml_collections.ConfigDict:
     # Persistent XLA compilation cache: None = $EFFDET_JAX_COMPILATION_CACHE, else
     # ~/.cache/effdet_jax/xla_cache; a directory; or "off" (effdet_jax/train/compile_cache.py).
     config.compilation_cache = config_dict.placeholder(str)
+    # XLA:CPU optimisation preset of the train step (effdet_jax/train/compile_options.py):
+    # fast_compile | default | fast_runtime; other backends ignore it.
+    config.xla_cpu_opt_preset = "fast_compile"
     return config

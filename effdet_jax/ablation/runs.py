@@ -23,7 +23,14 @@ import time
 from collections.abc import Sequence
 
 from effdet_jax.ablation import stats
-from effdet_jax.ablation.sweep import ROOT, Arm, SweepError, differing_keys, flatten
+from effdet_jax.ablation.sweep import (
+    ROOT,
+    Arm,
+    SweepError,
+    differing_keys,
+    flatten,
+    with_keys_added_later,
+)
 
 RESULT_FILE = "result.json"
 # TensorBoard tags read back: eval metrics of the (EMA) weights, and the training loss.
@@ -78,7 +85,7 @@ def run(arm: Arm, seed: int, base: str, extra_flags: Sequence[str], config: dict
     result_path = workdir / RESULT_FILE
     if result_path.exists():
         result = json.loads(result_path.read_text())
-        changed = differing_keys(result.get("config", {}), config)
+        changed = differing_keys(with_keys_added_later(result.get("config", {})), config)
         if changed:
             raise SweepError(
                 f"{workdir} finished with another config ({', '.join('config.' + k for k in changed)} "

@@ -265,6 +265,20 @@ def flatten(config: ml_collections.ConfigDict | dict, prefix: str = "") -> dict[
     return flat
 
 
+# Config keys added after runs were recorded, each with the value that every run recorded before
+# it existed had in effect: a stored config without the key reads as that value, so a new key
+# does not make finished runs look made with another config, and a changed value still does.
+KEYS_ADDED_LATER: dict[str, Any] = {
+    # Before config.xla_cpu_opt_preset, XLA:CPU compiled every train step with its default preset.
+    "xla_cpu_opt_preset": "default",
+}
+
+
+def with_keys_added_later(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run's ``flatten`` config with each absent ``KEYS_ADDED_LATER`` key filled in."""
+    return {**KEYS_ADDED_LATER, **stored}
+
+
 def differing_keys(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """Keys of two ``flatten`` dicts whose values differ (or that only one has)."""
     return sorted(k for k in set(a) | set(b) if a.get(k, "<absent>") != b.get(k, "<absent>"))

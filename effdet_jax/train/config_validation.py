@@ -20,6 +20,7 @@ from effdet_jax.export.options import parse_options as parse_export_options
 from effdet_jax.models import model_config
 from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
+from effdet_jax.train.compile_options import CPU_OPT_PRESETS
 from effdet_jax.train.experiment import model_overrides
 
 OPTIMIZERS = ("sgd", "adam")
@@ -107,6 +108,7 @@ def validate_config(
     _one_of(config, "eval.postprocess.candidates", CANDIDATE_MODES)
     _one_of(config, "loss.iou_loss_type", (None, *IOU_LOSS_TYPES))
     _one_of(config, "data.on_bad_data", ON_BAD_DATA)
+    _one_of(config, "xla_cpu_opt_preset", tuple(CPU_OPT_PRESETS))
     for key in ("train.batch_size", "train.learning_rate", "train.num_examples_per_epoch",
                 "train.grad_accum_steps", "eval.batch_size", "log_every_steps",
                 "checkpoint.every_steps", "eval.every_steps", "model.num_classes"):

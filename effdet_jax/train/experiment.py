@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding
 from effdet_jax.detection import anchors, losses, targets
 from effdet_jax.detection.postprocess import PostprocessConfig, postprocess
 from effdet_jax.models.efficientdet import efficientdet
+from effdet_jax.train import compile_options, optimizer
 from effdet_jax.train import mesh as mesh_lib
-from effdet_jax.train import optimizer
 from effdet_jax.train.train_step import (
     TRAIN_KEYS,
     StepOptions,
@@ -213,6 +213,8 @@ def build_experiment(
         in_shardings=(state_sh, {k: batch_sh for k in TRAIN_KEYS}),
         out_shardings=(state_sh, repl),
         donate_argnums=(0,),
+        compiler_options=compile_options.train_step_compiler_options(
+            config.xla_cpu_opt_preset, mesh.devices.flat),
     )
     detect_fn = make_detect_fn(model, model_config, config.eval.postprocess)
     variables_sh = {"params": state_sh.params, "batch_stats": state_sh.batch_stats}

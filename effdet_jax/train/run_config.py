@@ -12,7 +12,7 @@ is built, and sorts each difference by ``RESUME_POLICY``:
 - ``LOGGED``: allowed, and logged as a warning (run length, learning rate, losses, data, image
   size, regularisation, ...); the default for any key the table does not name.
 - ``FREE``: how the run is executed or observed (devices, evaluation, logging, checkpoint
-  cadence, compute dtype, CPU kernels); changes silently.
+  cadence, compute dtype, CPU kernels, compilation cache and XLA:CPU preset); changes silently.
 
 The longest matching prefix in the table decides. After a resume ``config.json`` holds the
 current config (every ``MUST_MATCH`` key is unchanged by then). A workdir with checkpoints but no
@@ -59,6 +59,8 @@ RESUME_POLICY: dict[str, str] = {
     "checkpoint": FREE,
     "log_every_steps": FREE,
     "data.num_parallel_calls": FREE,
+    "compilation_cache": FREE,
+    "xla_cpu_opt_preset": FREE,
 }
 
 # The ``config.model`` placeholders that mean "the model table's value" (None until set).

@@ -122,6 +122,33 @@ def test_portable_command_and_committed_run_results():
     assert proc.stdout.split() == files[1:], proc.stdout + proc.stderr
 
 
+@pytest.mark.parametrize("sweep_args", [["--sweep=fusion"], ["--sweep=drop_connect", "--rates", "0.2"]])
+def test_committed_runs_are_reused_by_the_current_configs(sweep_args):
+    """Every committed run's recorded config equals the one this code resolves for its arm and
+    seed (keys added to the config since then read as the value they had), so the sweep's command
+    on a fresh clone reuses the run instead of stopping at "finished with another config"."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sweep.add_arguments(parser)
+    spec, configs, out = sweep.from_command_line(parser.parse_args(sweep_args), ablate.RESULTS)
+    stored_runs = 0
+    for arm in spec.arms:
+        for seed in range(3):
+            path = runs_lib.workdir_of(out, arm, seed) / runs_lib.RESULT_FILE
+            if not path.exists():
+                continue
+            stored = sweep.with_keys_added_later(json.loads(path.read_text())["config"])
+            assert sweep.differing_keys(stored, runs_lib.run_config(configs[arm.label], seed)) == [], path
+            stored_runs += 1
+    assert stored_runs >= 12
+    # A key added later still counts when its value changed: fast_compile is not what they ran.
+    fast = {**runs_lib.run_config(configs[spec.arms[0].label], 0), "xla_cpu_opt_preset": "fast_compile"}
+    path = runs_lib.workdir_of(out, spec.arms[0], 0) / runs_lib.RESULT_FILE
+    stored = sweep.with_keys_added_later(json.loads(path.read_text())["config"])
+    assert sweep.differing_keys(stored, fast) == ["xla_cpu_opt_preset"]
+
+
 @pytest.mark.parametrize("sweep_arg, message", [
     (f"{KEY[:-7]}=sum,attn", "unknown config key config.model.fpn_weight (no 'fpn_weight' in config.model); "
                              "did you mean config.model.fpn_weight_method"),

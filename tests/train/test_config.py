@@ -15,6 +15,7 @@ from effdet_jax.models.bifpn import FUSION_METHODS
 from effdet_jax.models.efficientnet_config import DROP_CONNECT_VARIANTS
 from effdet_jax.models.layers import ACTIVATIONS
 from effdet_jax.models.model_config import LAYER_LOOPS
+from effdet_jax.train.compile_options import CPU_OPT_PRESETS
 from effdet_jax.train.config_validation import ConfigError, validate_config
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[2] / "configs"
@@ -83,6 +84,7 @@ def test_unknown_key_fails_naming_it():
         ("model.dtype", "float16", "loss scaling"),
         ("model.remat", "all", "blocks"),
         ("model.layer_loop", "while", "unrolled"),
+        ("xla_cpu_opt_preset", "O0", "fast_compile"),
         ("model.fpn_weight_method", "max", "fastattn"),
         ("model.drop_connect_variant", "block", "channel"),
         ("loss.iou_loss_type", "l1", "ciou"),
@@ -114,6 +116,7 @@ def test_bad_values_fail_naming_key_and_allowed(key, value, allowed):
         ("model.fpn_weight_method", FUSION_METHODS),
         ("model.drop_connect_variant", DROP_CONNECT_VARIANTS),
         ("model.layer_loop", LAYER_LOOPS),
+        ("xla_cpu_opt_preset", tuple(CPU_OPT_PRESETS)),
         ("model.overrides.activation", tuple(ACTIVATIONS)),
         ("eval.postprocess.method", NMS_METHODS),
         ("eval.postprocess.candidates", CANDIDATE_MODES),

@@ -129,12 +129,13 @@ def test_policy_sorts_keys_by_what_they_change():
     config.model.image_size = 128
     config.train.learning_rate = 0.01
     config.eval.every_steps = 3
+    config.xla_cpu_opt_preset = "default"
     found = run_config.differences(saved, run_config.resolved(config))
     assert found[run_config.MUST_MATCH] == [("model.overrides.fpn_num_filters", 16, 8)]
     assert [k for k, *_ in found[run_config.LOGGED]] == [
         "data.shapes.image_size", "model.image_size", "train.learning_rate"]
     assert [k for k, *_ in found[run_config.FREE]] == [
-        "eval.every_steps", "model.overrides.cpu_kernels"]
+        "eval.every_steps", "model.overrides.cpu_kernels", "xla_cpu_opt_preset"]
 
 
 def test_no_readable_checkpoint_is_an_error_listing_each_step_moving_none(trained, tmp_path):
