@@ -45,6 +45,7 @@ from effdet_jax.train import (
     batches,
     checkpointing,
     compile_cache,
+    compile_options,
     console,
     initialization,
     optimizer,
@@ -286,12 +287,13 @@ def train_and_evaluate(
                     cache_before, t0 = compile_cache.CacheEvents.snapshot(), time.perf_counter()
                 state, device_metrics = exp.train_step(state, batch)
                 if step == start + 1:
-                    on_cpu = exp.mesh.devices.flat[0].platform == "cpu"
+                    preset = compile_options.train_step_compiler_options(
+                        config.xla_cpu_opt_preset, exp.mesh.devices.flat)
                     logging.info("train step ready after %.1f s: %s%s", time.perf_counter() - t0,
                                  compile_cache.describe(cache_before, jax.config.jax_compilation_cache_dir
                                                         if jax.config.jax_enable_compilation_cache
                                                         else None),
-                                 f" (XLA:CPU preset {config.xla_cpu_opt_preset})" if on_cpu else "")
+                                 f" (XLA:CPU preset {config.xla_cpu_opt_preset})" if preset else "")
                 drain()  # the previous step's metrics, fetched while this one runs
                 pending = (step, device_metrics, dict(counts_total))
                 for hook in hooks:

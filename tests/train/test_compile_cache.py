@@ -40,6 +40,18 @@ def test_restart_loads_the_train_step_from_the_cache(tmp_path):
     text = _run_text(second, workdir)
     assert "resumed from the checkpoint of step 1" in text, text[-3000:]
     assert f"loaded from the persistent compilation cache {cache}" in text, text[-3000:]
+    assert "(XLA:CPU preset fast_compile)" in text, text[-3000:]
+
+    # Another XLA:CPU preset is another executable: the option reaches the step's compilation
+    # (it is part of the cache key), so the step is compiled again, not loaded.
+    third = subprocess.run(main_command(workdir, "--config.train.total_steps=3",
+                                        "--config.xla_cpu_opt_preset=default"),
+                           env=env, capture_output=True, text=True, timeout=900)
+    assert third.returncode == 0, third.stderr[-3000:]
+    text = _run_text(third, workdir)
+    assert "resumed from the checkpoint of step 2" in text, text[-3000:]
+    assert (f"compiled and written to the persistent compilation cache {cache} "
+            "(XLA:CPU preset default)") in text, text[-3000:]
 
 
 @pytest.mark.parametrize(
